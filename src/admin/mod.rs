@@ -1,0 +1,8 @@
+//! Operator surfaces: the metrics registry, readiness, and the HTTP servers for 15014 and 8080.
+
+pub mod http;
+pub mod metrics;
+pub mod ready;
+
+pub use metrics::Registry;
+pub use ready::Readiness;

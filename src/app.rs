@@ -1,0 +1,302 @@
+//! Wiring: build everything from [`ServeArgs`], bind the listeners, run until shut down.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::{Readiness, Registry, http};
+use crate::auth::cache::{CacheConfig, CacheMetrics, ReviewCache};
+use crate::auth::client_cert::ClientCertAuthenticator;
+use crate::auth::issuer::LocalIssuer;
+use crate::auth::jwt::{JwtAuthenticator, JwtRule};
+use crate::auth::{AuthChain, Authenticator};
+use crate::ca::service::{CaMetrics, CaService, PlaintextCaRefusal};
+use crate::ca::{CaSigner, CaStore, TtlPolicy, material};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::ServeArgs;
+use crate::pki::keys::KeyType;
+use crate::proto::CA_SERVICE_NAME;
+use crate::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::tls::{self, acceptor, client_verifier::MeshClientVerifier, serving};
+
+/// gRPC messages larger than this are refused (istiod's `ISTIO_GPRC_MAXRECVMSGSIZE`).
+pub const MAX_RECV_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Where each listener ended up (port 0 picks a free one).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub grpc: SocketAddr,
+    pub plaintext: SocketAddr,
+    pub monitoring: SocketAddr,
+    pub ready: SocketAddr,
+}
+
+/// A running meshd.
+pub struct Meshd {
+    pub addrs: BoundAddrs,
+    pub data_dir: PathBuf,
+    pub registry: Arc<Registry>,
+    pub readiness: Arc<Readiness>,
+    pub ca: Arc<CaStore>,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    shutdown_duration: Duration,
+}
+
+impl Meshd {
+    /// Path of the mesh root bundle clients trust.
+    pub fn root_cert_path(&self) -> PathBuf {
+        self.data_dir.join("root-cert.pem")
+    }
+
+    /// Stops accepting, lets open calls finish for up to `--shutdown-duration`, then stops.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + self.shutdown_duration;
+        for s in self.servers.drain(..) {
+            let abort = s.abort_handle();
+            if tokio::time::timeout_at(deadline, s).await.is_err() {
+                abort.abort();
+            }
+        }
+        for b in self.background.drain(..) {
+            b.abort();
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        wait_for_signal().await?;
+        tracing::info!("shutdown signal received; draining");
+        self.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {name} listener on {addr}"))?;
+    let local = l.local_addr()?;
+    // One line per listener, stable for scripts: `listening listener=<name> addr=<ip:port>`.
+    tracing::info!(listener = %name, addr = %local, "listening");
+    Ok((l, local))
+}
+
+fn build_auth(args: &ServeArgs, clock: &SharedClock, registry: &Registry) -> anyhow::Result<AuthChain> {
+    let cache = Arc::new(ReviewCache::new(
+        CacheConfig {
+            positive_ttl: args.token_review_cache_ttl,
+            ..CacheConfig::default()
+        },
+        Arc::clone(clock),
+        CacheMetrics::register(registry, "jwt"),
+    ));
+    let mut chain: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator)];
+    if !args.disable_local_issuer {
+        let issuer = LocalIssuer::load_or_create(&args.data_dir).context("loading the standalone token issuer")?;
+        chain.push(Arc::new(JwtAuthenticator::new(
+            issuer.rule(&args.token_audiences),
+            &args.trust_domain,
+            Arc::clone(clock),
+            Arc::clone(&cache),
+        )));
+    }
+    if let Some(rule) = &args.jwt_rule {
+        for r in JwtRule::parse_env(rule, &args.token_audiences)? {
+            tracing::info!(issuer = %r.issuer, audiences = ?r.audiences, "trusting external JWT issuer");
+            chain.push(Arc::new(JwtAuthenticator::new(
+                r,
+                &args.trust_domain,
+                Arc::clone(clock),
+                Arc::clone(&cache),
+            )));
+        }
+    }
+    Ok(AuthChain::new(chain))
+}
+
+/// Builds and starts meshd. Returns once every listener is bound and serving.
+pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
+    tls::provider();
+    let clock: SharedClock = Arc::new(SystemClock);
+    crate::fsutil::create_private_dir(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let registry = Registry::new();
+    let readiness = Readiness::new();
+    readiness.register("grpc");
+
+    let material = match &args.ca_dir {
+        Some(dir) => material::load_plugged(dir)?,
+        None => {
+            material::load_or_create_self_signed(&args.data_dir, &args.trust_domain, args.ca_key_type, clock.now())?
+        }
+    };
+    tracing::info!(source = ?material.source, key = material.key_algorithm, "mesh CA loaded");
+    let store = CaStore::new(material, Some(args.data_dir.join("root-cert.pem"))).context("writing root-cert.pem")?;
+    let mut background = Vec::new();
+    if let Some(dir) = &args.ca_dir {
+        background.push(store.spawn_plugged_watcher(dir.clone(), args.ca_reload_interval));
+    }
+
+    let auth = Arc::new(build_auth(&args, &clock, &registry)?);
+    let signer = Arc::new(CaSigner::new(
+        Arc::clone(&store),
+        Arc::clone(&clock),
+        TtlPolicy {
+            default_ttl: args.default_workload_cert_ttl,
+            max_ttl: args.max_workload_cert_ttl,
+        },
+    ));
+    let ca_metrics = CaMetrics::register(&registry);
+
+    // Serving certificate and client-certificate verification, both following the CA.
+    let serving_cfg = serving::ServingCertConfig {
+        sans: serving::ServingCertConfig::istiod_names(&args.system_namespace, &args.server_sans),
+        key_type: KeyType::EcdsaP256,
+        ttl: args.serving_cert_ttl,
+    };
+    let first = serving::issue(&store, &serving_cfg, clock.now())?;
+    let resolver = serving::ServingCertResolver::new(Arc::clone(&first.certified));
+    let verifier = MeshClientVerifier::new(&store.load().roots_der)?;
+    {
+        let (verifier, store2) = (Arc::clone(&verifier), Arc::clone(&store));
+        background.push(serving::spawn_rotation(
+            Arc::clone(&store),
+            Arc::clone(&resolver),
+            serving_cfg,
+            Arc::clone(&clock),
+            first,
+            Arc::new(move || {
+                if let Err(e) = verifier.set_roots(&store2.load().roots_der) {
+                    tracing::error!(error = %e, "updating client-certificate roots");
+                }
+            }),
+        ));
+    }
+
+    let (grpc_l, grpc_addr) = bind(args.grpc_addr, "grpc-tls").await?;
+    let (plain_l, plaintext_addr) = bind(args.plaintext_addr, "grpc-plaintext").await?;
+    let (mon_l, monitoring_addr) = bind(args.monitoring_addr, "monitoring").await?;
+    let (ready_l, ready_addr) = bind(args.ready_addr, "ready").await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let signal = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut servers = Vec::new();
+
+    let accept_metrics = acceptor::AcceptMetrics {
+        handshake_failures: registry
+            .counter_vec(
+                "meshd_tls_handshake_errors",
+                "Failed TLS handshakes",
+                &["listener", "reason"],
+            )
+            .with(&["grpc-tls", "error"]),
+        handshake_timeouts: registry
+            .counter_vec(
+                "meshd_tls_handshake_errors",
+                "Failed TLS handshakes",
+                &["listener", "reason"],
+            )
+            .with(&["grpc-tls", "timeout"]),
+    };
+    let tls_config = Arc::new(tls::grpc_server_config(Arc::clone(&resolver), Arc::clone(&verifier))?);
+    let incoming = acceptor::incoming(
+        grpc_l,
+        tls_config,
+        args.tls_handshake_timeout,
+        accept_metrics,
+        "grpc-tls",
+    );
+    {
+        let (reflect_v1, reflect_v1alpha) = crate::grpc::reflection()?;
+        let (_reporter, health) = crate::grpc::health(&[CA_SERVICE_NAME]).await;
+        let ca = IstioCertificateServiceServer::new(CaService::new(Arc::clone(&auth), signer, ca_metrics.clone()))
+            .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
+        let router = tonic::transport::Server::builder()
+            .add_service(ca)
+            .add_service(health)
+            .add_service(reflect_v1)
+            .add_service(reflect_v1alpha);
+        let rx = shutdown_rx.clone();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal(rx)).await {
+                tracing::error!(listener = "grpc-tls", error = %e, "gRPC server stopped");
+            }
+        }));
+    }
+    {
+        let (reflect_v1, reflect_v1alpha) = crate::grpc::reflection()?;
+        let (_reporter, health) = crate::grpc::health(&[CA_SERVICE_NAME]).await;
+        let ca = IstioCertificateServiceServer::new(PlaintextCaRefusal::new(ca_metrics))
+            .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
+        let router = tonic::transport::Server::builder()
+            .add_service(ca)
+            .add_service(health)
+            .add_service(reflect_v1)
+            .add_service(reflect_v1alpha);
+        let rx = shutdown_rx.clone();
+        let incoming = TcpListenerStream::new(plain_l);
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal(rx)).await {
+                tracing::error!(listener = "grpc-plaintext", error = %e, "gRPC server stopped");
+            }
+        }));
+    }
+    servers.push(tokio::spawn(http::serve(
+        mon_l,
+        http::monitoring_handler(Arc::clone(&registry), Arc::clone(&readiness)),
+        shutdown_rx.clone(),
+    )));
+    servers.push(tokio::spawn(http::serve(
+        ready_l,
+        http::ready_handler(Arc::clone(&readiness)),
+        shutdown_rx,
+    )));
+    readiness.set("grpc", true);
+
+    Ok(Meshd {
+        addrs: BoundAddrs {
+            grpc: grpc_addr,
+            plaintext: plaintext_addr,
+            monitoring: monitoring_addr,
+            ready: ready_addr,
+        },
+        data_dir: args.data_dir,
+        registry,
+        readiness,
+        ca: store,
+        shutdown: shutdown_tx,
+        servers,
+        background,
+        shutdown_duration: args.shutdown_duration,
+    })
+}

@@ -1,0 +1,161 @@
+//! Every knob, as clap flags with istiod's environment variable names where istiod has one.
+//! Nothing else in meshd reads the environment.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::pki::keys::KeyType;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse(s)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "An Istio-compatible control plane (istiod) for primary-remote meshes"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane (the default when no subcommand is given).
+    Serve(Box<ServeArgs>),
+    /// Print a service-account token from the standalone issuer in a data dir.
+    Token(TokenArgs),
+    /// Get a workload certificate from a running meshd, as istio-agent does.
+    Cert(Box<crate::client::CertArgs>),
+    /// Load tools (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log filter: a level or per-module directives (e.g. `info,meshd::auth=debug`).
+    #[arg(long, env = "MESHD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "MESHD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Where meshd keeps its self-signed root, issuer key and `root-cert.pem`.
+    #[arg(long, env = "MESHD_DATA_DIR", default_value = "./meshd-data")]
+    pub data_dir: PathBuf,
+    /// TLS gRPC: CA, ADS, reflection, health (istiod's 15012).
+    #[arg(long, env = "MESHD_GRPC_ADDR", default_value = "0.0.0.0:15012")]
+    pub grpc_addr: SocketAddr,
+    /// Plaintext gRPC: reflection, health; never the CA (istiod's 15010).
+    #[arg(long, env = "MESHD_PLAINTEXT_ADDR", default_value = "0.0.0.0:15010")]
+    pub plaintext_addr: SocketAddr,
+    /// HTTP: /metrics, /version, /debug (istiod's 15014).
+    #[arg(long, env = "MESHD_MONITORING_ADDR", default_value = "0.0.0.0:15014")]
+    pub monitoring_addr: SocketAddr,
+    /// HTTP: /ready (istiod's 8080).
+    #[arg(long, env = "MESHD_READY_ADDR", default_value = "0.0.0.0:8080")]
+    pub ready_addr: SocketAddr,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Namespace meshd runs in; names the serving certificate's DNS SANs.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub system_namespace: String,
+    /// Plugged-in CA (`cacerts`): ca-cert.pem, ca-key.pem, root-cert.pem [, cert-chain.pem], or tls.crt, tls.key, ca.crt.
+    #[arg(long, env = "ROOT_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Key type of a newly created self-signed root.
+    #[arg(long, env = "MESHD_CA_KEY_TYPE", default_value = "rsa-2048")]
+    pub ca_key_type: KeyType,
+    /// How often a plugged CA directory is checked for changes.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub ca_reload_interval: Duration,
+    /// Extra serving-certificate SANs, comma separated; IP literals become IP SANs.
+    #[arg(long = "server-san", env = "ISTIOD_CUSTOM_HOST", value_delimiter = ',')]
+    pub server_sans: Vec<String>,
+    /// Lifetime of the serving certificate; it is renewed at two thirds of it.
+    #[arg(long, env = "MESHD_SERVING_CERT_TTL", default_value = "24h", value_parser = duration)]
+    pub serving_cert_ttl: Duration,
+    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = duration)]
+    pub default_workload_cert_ttl: Duration,
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = "90d", value_parser = duration)]
+    pub max_workload_cert_ttl: Duration,
+    /// Audiences a bearer token must carry, comma separated.
+    #[arg(long, env = "TOKEN_AUDIENCES", value_delimiter = ',', default_value = "istio-ca")]
+    pub token_audiences: Vec<String>,
+    /// External JWT issuer(s): {"issuer", "jwks_uri" (file) or "jwks", "audiences"} or an array of them.
+    #[arg(long, env = "JWT_RULE")]
+    pub jwt_rule: Option<String>,
+    /// Do not trust tokens from the data dir's standalone issuer (`meshd token`).
+    #[arg(long, env = "MESHD_DISABLE_LOCAL_ISSUER")]
+    pub disable_local_issuer: bool,
+    /// How long a verified token is trusted without re-verification (capped by its exp).
+    #[arg(long, env = "MESHD_TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = duration)]
+    pub token_review_cache_ttl: Duration,
+    /// Deadline for a TLS handshake on 15012.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub tls_handshake_timeout: Duration,
+    /// Time given to open streams to finish after SIGTERM.
+    #[arg(long, env = "MESHD_SHUTDOWN_DURATION", default_value = "10s", value_parser = duration)]
+    pub shutdown_duration: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        // Parsing an empty command line yields exactly the documented defaults.
+        let cli = ServeOnly::parse_from(["meshd"]);
+        cli.args
+    }
+}
+
+#[derive(Parser)]
+struct ServeOnly {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+impl ServeArgs {
+    /// Defaults with every listener on an ephemeral loopback port: what tests start from.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!());
+        Self {
+            data_dir,
+            grpc_addr: any,
+            plaintext_addr: any,
+            monitoring_addr: any,
+            ready_addr: any,
+            ca_key_type: KeyType::EcdsaP256,
+            ..Self::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    #[arg(long, env = "MESHD_DATA_DIR", default_value = "./meshd-data")]
+    pub data_dir: PathBuf,
+    #[arg(long)]
+    pub namespace: String,
+    #[arg(long)]
+    pub service_account: String,
+    #[arg(long, value_delimiter = ',', default_value = "istio-ca")]
+    pub audience: Vec<String>,
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub ttl: Duration,
+}
