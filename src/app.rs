@@ -212,21 +212,17 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     };
     let mut servers = Vec::new();
 
+    let handshake_errors = registry.counter_vec(
+        "meshd_tls_handshake_errors",
+        "Failed TLS handshakes",
+        &["listener", "reason"],
+    );
     let accept_metrics = acceptor::AcceptMetrics {
-        handshake_failures: registry
-            .counter_vec(
-                "meshd_tls_handshake_errors",
-                "Failed TLS handshakes",
-                &["listener", "reason"],
-            )
-            .with(&["grpc-tls", "error"]),
-        handshake_timeouts: registry
-            .counter_vec(
-                "meshd_tls_handshake_errors",
-                "Failed TLS handshakes",
-                &["listener", "reason"],
-            )
-            .with(&["grpc-tls", "timeout"]),
+        handshakes: registry
+            .counter_vec("meshd_tls_handshakes", "Completed TLS handshakes", &["listener"])
+            .with(&["grpc-tls"]),
+        handshake_failures: handshake_errors.with(&["grpc-tls", "error"]),
+        handshake_timeouts: handshake_errors.with(&["grpc-tls", "timeout"]),
     };
     let tls_config = Arc::new(tls::grpc_server_config(Arc::clone(&resolver), Arc::clone(&verifier))?);
     let incoming = acceptor::incoming(
@@ -242,6 +238,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let ca = IstioCertificateServiceServer::new(CaService::new(Arc::clone(&auth), signer, ca_metrics.clone()))
             .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
+            .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
             .add_service(health)
             .add_service(reflect_v1)
@@ -259,6 +256,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let ca = IstioCertificateServiceServer::new(PlaintextCaRefusal::new(ca_metrics))
             .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
         let router = tonic::transport::Server::builder()
+            .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
             .add_service(health)
             .add_service(reflect_v1)

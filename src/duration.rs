@@ -48,11 +48,11 @@ pub fn format(d: Duration) -> String {
     if d.subsec_nanos() != 0 || secs == 0 {
         return format!("{}ms", d.as_millis());
     }
-    if secs % 86400 == 0 {
+    if secs.is_multiple_of(86400) {
         format!("{}d", secs / 86400)
-    } else if secs % 3600 == 0 {
+    } else if secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs % 60 == 0 {
+    } else if secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")

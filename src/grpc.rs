@@ -38,3 +38,59 @@ pub async fn health(
     }
     (reporter, server)
 }
+
+/// Answers an over-size request with `RESOURCE_EXHAUSTED`, as grpc-go (and so istiod) does.
+///
+/// tonic rejects a message over `max_decoding_message_size` with `OUT_OF_RANGE`; clients and
+/// dashboards expect `RESOURCE_EXHAUSTED` ("received message larger than max"). A unary call
+/// fails before any response is produced, so the status is in the response headers and is
+/// rewritten here; streaming handlers map the code themselves when their stream yields it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OversizeStatusLayer;
+
+impl<S> tower::Layer<S> for OversizeStatusLayer {
+    type Service = OversizeStatus<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        OversizeStatus { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OversizeStatus<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for OversizeStatus<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            rewrite_oversize(resp.headers_mut());
+            Ok(resp)
+        })
+    }
+}
+
+/// `OUT_OF_RANGE` "decoded message length too large" → `RESOURCE_EXHAUSTED`.
+pub fn rewrite_oversize(headers: &mut http::HeaderMap) {
+    let is_out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let is_size = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if is_out_of_range && is_size {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+}

@@ -126,7 +126,7 @@ impl CaService {
         }
         let verified = csr::parse_and_verify(&req.csr)?;
         let uri = identity.spiffe_uri();
-        if !verified.requested_uris.is_empty() && !verified.requested_uris.iter().any(|u| *u == uri) {
+        if !verified.requested_uris.is_empty() && !verified.requested_uris.contains(&uri) {
             tracing::info!(requested = ?verified.requested_uris, issued = %uri, "CSR asks for a different SAN; issuing for the authenticated identity");
         }
         if verified.requested_ca {

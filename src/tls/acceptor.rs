@@ -15,6 +15,7 @@ use crate::admin::metrics::Counter;
 /// Handshakes that failed or timed out, by reason (for `/metrics`).
 #[derive(Clone)]
 pub struct AcceptMetrics {
+    pub handshakes: Arc<Counter>,
     pub handshake_failures: Arc<Counter>,
     pub handshake_timeouts: Arc<Counter>,
 }
@@ -64,6 +65,7 @@ async fn handshake(
 ) {
     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
+            metrics.handshakes.inc();
             let _ = tx.send(Ok(tls)).await;
         }
         Ok(Err(e)) => {
