@@ -11,15 +11,19 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::{Readiness, Registry, http};
-use crate::auth::cache::{CacheConfig, CacheMetrics, ReviewCache};
+use crate::auth::cache::{CacheConfig, ReviewCache};
 use crate::auth::client_cert::ClientCertAuthenticator;
 use crate::auth::issuer::LocalIssuer;
 use crate::auth::jwt::{JwtAuthenticator, JwtRule};
+use crate::auth::kube_jwt::{KubeJwtAuthenticator, KubeJwtConfig, kube_reviewers};
 use crate::auth::{AuthChain, Authenticator};
 use crate::ca::service::{CaMetrics, CaService, PlaintextCaRefusal};
-use crate::ca::{CaSigner, CaStore, TtlPolicy, material};
+use crate::ca::{CaSigner, CaStore, TtlPolicy, kube_secret, material};
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::ServeArgs;
+use crate::cluster::kubeconfig::AllowedOptions;
+use crate::cluster::secrets::{self, RemoteConfigs};
+use crate::cluster::{ClusterRegistry, files};
+use crate::config::{LocalIssuerMode, ServeArgs};
 use crate::pki::keys::KeyType;
 use crate::proto::CA_SERVICE_NAME;
 use crate::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -40,6 +44,7 @@ pub struct BoundAddrs {
 /// A running meshd.
 pub struct Meshd {
     pub addrs: BoundAddrs,
+    pub clusters: Arc<ClusterRegistry>,
     pub data_dir: PathBuf,
     pub registry: Arc<Registry>,
     pub readiness: Arc<Readiness>,
@@ -109,23 +114,38 @@ async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<(TcpListen
     Ok((l, local))
 }
 
-fn build_auth(args: &ServeArgs, clock: &SharedClock, registry: &Registry) -> anyhow::Result<AuthChain> {
+struct AuthDeps<'a> {
+    args: &'a ServeArgs,
+    clock: &'a SharedClock,
+    registry: &'a Arc<Registry>,
+    clusters: &'a Arc<ClusterRegistry>,
+    kube_auth: bool,
+}
+
+fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<AuthChain> {
+    let args = d.args;
     let cache = Arc::new(ReviewCache::new(
         CacheConfig {
             positive_ttl: args.token_review_cache_ttl,
-            ..CacheConfig::default()
+            negative_ttl: args.token_review_negative_cache_ttl,
+            max_entries: args.token_review_cache_size,
         },
-        Arc::clone(clock),
-        CacheMetrics::register(registry, "jwt"),
+        Arc::clone(d.clock),
     ));
     let mut chain: Vec<Arc<dyn Authenticator>> = vec![Arc::new(ClientCertAuthenticator)];
-    if !args.disable_local_issuer {
+    let local_issuer = match args.local_issuer {
+        LocalIssuerMode::Enabled => true,
+        LocalIssuerMode::Disabled => false,
+        LocalIssuerMode::Auto => d.clusters.local().is_none(),
+    };
+    if local_issuer {
         let issuer = LocalIssuer::load_or_create(&args.data_dir).context("loading the standalone token issuer")?;
         chain.push(Arc::new(JwtAuthenticator::new(
             issuer.rule(&args.token_audiences),
             &args.trust_domain,
-            Arc::clone(clock),
+            Arc::clone(d.clock),
             Arc::clone(&cache),
+            d.registry,
         )));
     }
     if let Some(rule) = &args.jwt_rule {
@@ -134,12 +154,69 @@ fn build_auth(args: &ServeArgs, clock: &SharedClock, registry: &Registry) -> any
             chain.push(Arc::new(JwtAuthenticator::new(
                 r,
                 &args.trust_domain,
-                Arc::clone(clock),
+                Arc::clone(d.clock),
                 Arc::clone(&cache),
+                d.registry,
             )));
         }
     }
+    if d.kube_auth {
+        chain.push(Arc::new(KubeJwtAuthenticator::new(
+            Arc::clone(d.clusters),
+            KubeJwtConfig {
+                trust_domain: args.trust_domain.clone(),
+                audiences: args.token_audiences.clone(),
+                timeout: args.token_review_timeout,
+            },
+            cache,
+            kube_reviewers(),
+            Arc::clone(d.registry),
+        )));
+    }
     Ok(AuthChain::new(chain))
+}
+
+/// The local cluster's client: `--kubeconfig`, else in-cluster config inside a pod, else none.
+async fn local_kube_client(args: &ServeArgs) -> anyhow::Result<Option<kube::Client>> {
+    if args.standalone {
+        return Ok(None);
+    }
+    if let Some(path) = &args.kubeconfig {
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .with_context(|| format!("using kubeconfig {}", path.display()))?;
+        return Ok(Some(kube::Client::try_from(config)?));
+    }
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        let config = kube::Config::incluster().context("reading the in-cluster Kubernetes config")?;
+        return Ok(Some(kube::Client::try_from(config)?));
+    }
+    Ok(None)
+}
+
+/// Readiness of remote clusters: listed, and each answered, failed or timed out.
+fn spawn_remote_readiness(
+    readiness: Arc<Readiness>,
+    clusters: Arc<ClusterRegistry>,
+    mut listed: Vec<watch::Receiver<bool>>,
+    timeout: Duration,
+) -> JoinHandle<()> {
+    readiness.register("remote-clusters");
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        for l in &mut listed {
+            let _ = tokio::time::timeout_at(start + timeout, l.wait_for(|v| *v)).await;
+        }
+        loop {
+            if clusters.remotes_settled(timeout) || start.elapsed() >= timeout {
+                readiness.set("remote-clusters", true);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
 }
 
 /// Builds and starts meshd. Returns once every listener is bound and serving.
@@ -152,9 +229,20 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     let readiness = Readiness::new();
     readiness.register("grpc");
 
-    let material = match &args.ca_dir {
-        Some(dir) => material::load_plugged(dir)?,
-        None => {
+    let local_client = local_kube_client(&args).await?;
+    let material = match (&args.ca_dir, &local_client) {
+        (Some(dir), _) => material::load_plugged(dir)?,
+        (None, Some(client)) => {
+            kube_secret::load_or_create(
+                client.clone(),
+                &args.system_namespace,
+                &args.trust_domain,
+                args.ca_key_type,
+                clock.now(),
+            )
+            .await?
+        }
+        (None, None) => {
             material::load_or_create_self_signed(&args.data_dir, &args.trust_domain, args.ca_key_type, clock.now())?
         }
     };
@@ -165,7 +253,57 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         background.push(store.spawn_plugged_watcher(dir.clone(), args.ca_reload_interval));
     }
 
-    let auth = Arc::new(build_auth(&args, &clock, &registry)?);
+    let clusters = ClusterRegistry::new(
+        &args.cluster_id,
+        args.cluster_aliases.iter().cloned().collect(),
+        local_client.clone(),
+        args.max_concurrent_token_reviews,
+        &registry,
+    );
+    let remote_configs = RemoteConfigs::new(
+        Arc::clone(&clusters),
+        AllowedOptions::new(args.insecure_kubeconfig_options.iter().cloned()),
+        Duration::from_secs(295),
+        &registry,
+    );
+    let mut listed = Vec::new();
+    if let Some(client) = &local_client {
+        let (tx, rx) = watch::channel(false);
+        listed.push(rx);
+        background.push(secrets::spawn_secret_watcher(
+            Arc::clone(&remote_configs),
+            client.clone(),
+            args.system_namespace.clone(),
+            tx,
+        ));
+    }
+    if let Some(dir) = &args.remote_kubeconfig_dir {
+        let (tx, rx) = watch::channel(false);
+        listed.push(rx);
+        background.push(files::spawn_dir_watcher(
+            Arc::clone(&remote_configs),
+            dir.clone(),
+            args.remote_kubeconfig_poll,
+            tx,
+        ));
+    }
+    let kube_auth = local_client.is_some() || args.remote_kubeconfig_dir.is_some();
+    if !listed.is_empty() {
+        background.push(spawn_remote_readiness(
+            Arc::clone(&readiness),
+            Arc::clone(&clusters),
+            listed,
+            args.remote_cluster_timeout,
+        ));
+    }
+
+    let auth = Arc::new(build_auth(AuthDeps {
+        args: &args,
+        clock: &clock,
+        registry: &registry,
+        clusters: &clusters,
+        kube_auth,
+    })?);
     let signer = Arc::new(CaSigner::new(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -271,7 +409,13 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     }
     servers.push(tokio::spawn(http::serve(
         mon_l,
-        http::monitoring_handler(Arc::clone(&registry), Arc::clone(&readiness)),
+        http::monitoring_handler(
+            Arc::clone(&registry),
+            Arc::clone(&readiness),
+            Arc::new(http::DebugSources {
+                clusters: Some(Arc::clone(&clusters)),
+            }),
+        ),
         shutdown_rx.clone(),
     )));
     servers.push(tokio::spawn(http::serve(
@@ -289,6 +433,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             ready: ready_addr,
         },
         data_dir: args.data_dir,
+        clusters,
         registry,
         readiness,
         ca: store,

@@ -37,6 +37,20 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LocalIssuerMode {
+    Auto,
+    Enabled,
+    Disabled,
+}
+
+fn alias(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, r)) if !a.is_empty() && !r.is_empty() => Ok((a.to_string(), r.to_string())),
+        _ => Err(format!("cluster alias {s:?} is not alias=real")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -100,9 +114,45 @@ pub struct ServeArgs {
     /// External JWT issuer(s): {"issuer", "jwks_uri" (file) or "jwks", "audiences"} or an array of them.
     #[arg(long, env = "JWT_RULE")]
     pub jwt_rule: Option<String>,
-    /// Do not trust tokens from the data dir's standalone issuer (`meshd token`).
-    #[arg(long, env = "MESHD_DISABLE_LOCAL_ISSUER")]
-    pub disable_local_issuer: bool,
+    /// Trust tokens from the data dir's standalone issuer (`meshd token`): `auto` does so only
+    /// when meshd runs without a Kubernetes API server of its own.
+    #[arg(long, env = "MESHD_LOCAL_ISSUER", value_enum, default_value = "auto")]
+    pub local_issuer: LocalIssuerMode,
+    /// Kubeconfig of the primary (local) cluster. Without it meshd uses the in-cluster config when
+    /// running in a pod, and otherwise runs standalone.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Never talk to a local Kubernetes API server, even inside a pod.
+    #[arg(long)]
+    pub standalone: bool,
+    /// Other names of the local cluster, `alias=real,...` (istiod's --clusterAliases).
+    #[arg(long, env = "CLUSTER_ALIASES", value_delimiter = ',', value_parser = alias)]
+    pub cluster_aliases: Vec<(String, String)>,
+    /// Directory of kubeconfig files, one per remote cluster, named by cluster id.
+    #[arg(long, env = "PILOT_MULTICLUSTER_KUBECONFIG_PATH")]
+    pub remote_kubeconfig_dir: Option<PathBuf>,
+    /// How often --remote-kubeconfig-dir is rescanned.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub remote_kubeconfig_poll: Duration,
+    /// Kubeconfig features a remote secret may use anyway (exec, gcp, azure, openstack,
+    /// auth-provider, tokenFile, clientCertificate, clientKey, certificateAuthority).
+    #[arg(long, env = "PILOT_INSECURE_MULTICLUSTER_KUBECONFIG_OPTIONS", value_delimiter = ',')]
+    pub insecure_kubeconfig_options: Vec<String>,
+    /// Readiness waits at most this long for remote clusters (PILOT_REMOTE_CLUSTER_TIMEOUT).
+    #[arg(long, env = "PILOT_REMOTE_CLUSTER_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub remote_cluster_timeout: Duration,
+    /// A TokenReview that takes longer fails the call with Unavailable naming the cluster.
+    #[arg(long, env = "MESHD_TOKEN_REVIEW_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub token_review_timeout: Duration,
+    /// TokenReviews in flight per cluster; more are refused with ResourceExhausted.
+    #[arg(long, env = "MESHD_MAX_CONCURRENT_TOKEN_REVIEWS", default_value = "64")]
+    pub max_concurrent_token_reviews: usize,
+    /// How long a rejected token is remembered.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub token_review_negative_cache_ttl: Duration,
+    /// Entries kept in the token review cache.
+    #[arg(long, default_value = "100000")]
+    pub token_review_cache_size: usize,
     /// How long a verified token is trusted without re-verification (capped by its exp).
     #[arg(long, env = "MESHD_TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = duration)]
     pub token_review_cache_ttl: Duration,
@@ -141,6 +191,7 @@ impl ServeArgs {
             monitoring_addr: any,
             ready_addr: any,
             ca_key_type: KeyType::EcdsaP256,
+            standalone: true,
             ..Self::default()
         }
     }

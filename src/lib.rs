@@ -13,6 +13,7 @@ pub mod bench;
 pub mod ca;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod duration;
 pub mod fsutil;
@@ -20,4 +21,6 @@ pub mod grpc;
 pub mod logging;
 pub mod pki;
 pub mod proto;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;

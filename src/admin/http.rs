@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{Readiness, Registry};
+use crate::cluster::ClusterRegistry;
 
 pub type Body = Full<Bytes>;
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -32,16 +33,42 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-/// The monitoring port: `/metrics`, `/version`, `/ready`.
-pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>) -> Handler {
-    Arc::new(move |req, _peer| {
+/// State the debug endpoints show.
+#[derive(Default)]
+pub struct DebugSources {
+    pub clusters: Option<Arc<ClusterRegistry>>,
+}
+
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+}
+
+/// The monitoring port: `/metrics`, `/version`, `/ready`, `/debug/*`.
+pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>, debug: Arc<DebugSources>) -> Handler {
+    Arc::new(move |req, peer| {
         let registry = Arc::clone(&registry);
         let readiness = Arc::clone(&readiness);
+        let debug = Arc::clone(&debug);
         Box::pin(async move {
             if req.method() != Method::GET {
                 return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
             }
-            match req.uri().path() {
+            let path = req.uri().path();
+            if path.starts_with("/debug/") && !peer.ip().is_loopback() {
+                // Debug state names clusters and identities: loopback only until authenticated
+                // debug access exists.
+                return text(StatusCode::FORBIDDEN, "debug endpoints answer loopback callers only\n");
+            }
+            match path {
+                "/debug/clusterz" => match &debug.clusters {
+                    Some(c) => json(StatusCode::OK, &c.snapshot()),
+                    None => json(StatusCode::OK, &Vec::<()>::new()),
+                },
                 "/metrics" => Response::builder()
                     .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                     .body(Full::new(Bytes::from(registry.encode())))

@@ -77,8 +77,10 @@ pub struct CacheMetrics {
 }
 
 impl CacheMetrics {
-    pub fn register(r: &Registry, kind: &str) -> Self {
-        let v = |n: &str, h: &str| r.counter_vec(n, h, &["kind"]).with(&[kind]);
+    /// Counters for one credential authority: `kind` is `jwt` or `tokenreview`, `authority` the
+    /// issuer or cluster id.
+    pub fn register(r: &Registry, kind: &str, authority: &str) -> Self {
+        let v = |n: &str, h: &str| r.counter_vec(n, h, &["kind", "authority"]).with(&[kind, authority]);
         Self {
             hits: v(
                 "meshd_auth_review_cache_hits",
@@ -97,7 +99,6 @@ pub struct ReviewCache {
     shards: Vec<Mutex<HashMap<CacheKey, Entry>>>,
     config: CacheConfig,
     clock: SharedClock,
-    metrics: CacheMetrics,
 }
 
 impl std::fmt::Debug for ReviewCache {
@@ -107,18 +108,26 @@ impl std::fmt::Debug for ReviewCache {
 }
 
 impl ReviewCache {
-    pub fn new(config: CacheConfig, clock: SharedClock, metrics: CacheMetrics) -> Self {
+    pub fn new(config: CacheConfig, clock: SharedClock) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             config,
             clock,
-            metrics,
         }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
     }
 
     /// Returns the cached answer for `key`, or runs `review` (once, however many callers ask at
     /// the same moment) and caches what it says.
-    pub async fn get_or_review<F>(&self, key: CacheKey, review: F) -> Result<Identity, AuthError>
+    pub async fn get_or_review<F>(
+        &self,
+        key: CacheKey,
+        metrics: &CacheMetrics,
+        review: F,
+    ) -> Result<Identity, AuthError>
     where
         F: std::future::Future<Output = ReviewOutcome> + Send + 'static,
     {
@@ -127,15 +136,15 @@ impl ReviewCache {
             let now = self.clock.now();
             match shard.get(&key) {
                 Some(Entry::Done { result, expires }) if *expires > now => {
-                    self.metrics.hits.inc();
+                    metrics.hits.inc();
                     return result.clone();
                 }
                 Some(Entry::Pending(f)) => {
-                    self.metrics.coalesced.inc();
+                    metrics.coalesced.inc();
                     f.clone()
                 }
                 _ => {
-                    self.metrics.misses.inc();
+                    metrics.misses.inc();
                     let f = review.boxed().shared();
                     self.make_room(&mut shard, now);
                     shard.insert(key, Entry::Pending(f.clone()));
@@ -232,12 +241,11 @@ mod tests {
     }
 
     fn cache(clock: &FakeClock) -> ReviewCache {
-        let r = Registry::new();
-        ReviewCache::new(
-            CacheConfig::default(),
-            Arc::new(clock.clone()),
-            CacheMetrics::register(&r, "test"),
-        )
+        ReviewCache::new(CacheConfig::default(), Arc::new(clock.clone()))
+    }
+
+    fn m() -> CacheMetrics {
+        CacheMetrics::register(&Registry::new(), "test", "c1")
     }
 
     #[tokio::test]
@@ -249,7 +257,7 @@ mod tests {
         let exp = clock.now() + Duration::from_secs(10);
         for _ in 0..3 {
             let calls = calls.clone();
-            c.get_or_review(key, async move {
+            c.get_or_review(key, &m(), async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Ok((id(), Some(exp)))
             })
@@ -259,7 +267,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         clock.advance(Duration::from_secs(11));
         let calls2 = calls.clone();
-        c.get_or_review(key, async move {
+        c.get_or_review(key, &m(), async move {
             calls2.fetch_add(1, Ordering::SeqCst);
             Ok((id(), None))
         })
@@ -280,7 +288,7 @@ mod tests {
         for _ in 0..20 {
             let (c, calls, rx) = (c.clone(), calls.clone(), rx.clone());
             tasks.push(tokio::spawn(async move {
-                c.get_or_review(key, async move {
+                c.get_or_review(key, &m(), async move {
                     calls.fetch_add(1, Ordering::SeqCst);
                     let _ = rx.await;
                     Ok((id(), None))
@@ -306,17 +314,17 @@ mod tests {
         let c = cache(&clock);
         let key = CacheKey::new("c1", "bad", &[]);
         let r = c
-            .get_or_review(key, async { Err(AuthError::Rejected("no".into())) })
+            .get_or_review(key, &m(), async { Err(AuthError::Rejected("no".into())) })
             .await;
         assert!(r.is_err());
-        let r = c.get_or_review(key, async { Ok((id(), None)) }).await;
+        let r = c.get_or_review(key, &m(), async { Ok((id(), None)) }).await;
         assert!(r.is_err(), "negative entry still fresh");
         clock.advance(Duration::from_secs(6));
-        assert!(c.get_or_review(key, async { Ok((id(), None)) }).await.is_ok());
+        assert!(c.get_or_review(key, &m(), async { Ok((id(), None)) }).await.is_ok());
 
         let key2 = CacheKey::new("c1", "tok2", &[]);
         let r = c
-            .get_or_review(key2, async {
+            .get_or_review(key2, &m(), async {
                 Err(AuthError::Unavailable {
                     cluster: "c1".into(),
                     reason: "down".into(),
@@ -324,7 +332,7 @@ mod tests {
             })
             .await;
         assert!(r.is_err());
-        assert!(c.get_or_review(key2, async { Ok((id(), None)) }).await.is_ok());
+        assert!(c.get_or_review(key2, &m(), async { Ok((id(), None)) }).await.is_ok());
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum IssuerError {
     Generate(String),
     #[error("signing the token: {0}")]
     Sign(String),
+    #[error("{0:?} is not a valid Kubernetes namespace and service account pair")]
+    BadName(String),
 }
 
 pub struct LocalIssuer {
@@ -152,6 +154,11 @@ impl LocalIssuer {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, IssuerError> {
+        if super::jwt::parse_service_account_subject(&format!("system:serviceaccount:{namespace}:{service_account}"))
+            .is_none()
+        {
+            return Err(IssuerError::BadName(format!("{namespace}/{service_account}")));
+        }
         let iat = unix_seconds(now);
         let claims = TokenClaims {
             aud: audiences,
@@ -180,7 +187,7 @@ impl LocalIssuer {
 mod tests {
     use super::*;
     use crate::admin::Registry;
-    use crate::auth::cache::{CacheConfig, CacheMetrics, ReviewCache};
+    use crate::auth::cache::{CacheConfig, ReviewCache};
     use crate::auth::jwt::JwtAuthenticator;
     use crate::auth::{AuthError, Authenticator, Credentials};
     use crate::clock::{Clock, FakeClock};
@@ -194,13 +201,13 @@ mod tests {
                 ..Default::default()
             },
             Arc::new(clock.clone()),
-            CacheMetrics::register(&r, "jwt"),
         ));
         JwtAuthenticator::new(
             issuer.rule(&["istio-ca".into()]),
             "cluster.local",
             Arc::new(clock.clone()),
             cache,
+            &r,
         )
     }
 

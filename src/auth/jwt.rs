@@ -14,8 +14,9 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use super::cache::{CacheKey, ReviewCache, ReviewOutcome};
+use super::cache::{CacheKey, CacheMetrics, ReviewCache, ReviewOutcome};
 use super::{AuthError, AuthSource, Authenticator, Credentials, Identity};
+use crate::admin::Registry;
 use crate::clock::{SharedClock, unix_seconds};
 use crate::pki::SpiffeId;
 
@@ -234,11 +235,20 @@ struct Inner {
 pub struct JwtAuthenticator {
     inner: Arc<Inner>,
     cache: Arc<ReviewCache>,
+    metrics: CacheMetrics,
 }
 
 impl JwtAuthenticator {
-    pub fn new(rule: JwtRule, trust_domain: &str, clock: SharedClock, cache: Arc<ReviewCache>) -> Self {
+    pub fn new(
+        rule: JwtRule,
+        trust_domain: &str,
+        clock: SharedClock,
+        cache: Arc<ReviewCache>,
+        registry: &Registry,
+    ) -> Self {
+        let metrics = CacheMetrics::register(registry, "jwt", &rule.issuer);
         Self {
+            metrics,
             inner: Arc::new(Inner {
                 rule,
                 trust_domain: trust_domain.into(),
@@ -382,11 +392,15 @@ impl Inner {
     }
 }
 
-/// Splits `system:serviceaccount:<ns>:<sa>` (exactly 4 parts, none empty).
+/// Splits `system:serviceaccount:<ns>:<sa>` (exactly 4 parts, each a valid Kubernetes name, so
+/// the SPIFFE id built from them is a well-formed URI).
 pub fn parse_service_account_subject(sub: &str) -> Option<(&str, &str)> {
+    use crate::pki::spiffe::{is_valid_namespace, is_valid_service_account};
     let parts: Vec<&str> = sub.split(':').collect();
     match parts.as_slice() {
-        ["system", "serviceaccount", ns, sa] if !ns.is_empty() && !sa.is_empty() => Some((ns, sa)),
+        ["system", "serviceaccount", ns, sa] if is_valid_namespace(ns) && is_valid_service_account(sa) => {
+            Some((ns, sa))
+        }
         _ => None,
     }
 }
@@ -425,7 +439,9 @@ impl Authenticator for JwtAuthenticator {
             );
             let inner = Arc::clone(&self.inner);
             let token = token.to_string();
-            self.cache.get_or_review(key, async move { inner.verify(&token) }).await
+            self.cache
+                .get_or_review(key, &self.metrics, async move { inner.verify(&token) })
+                .await
         }
         .boxed()
     }
@@ -445,6 +461,10 @@ mod tests {
         assert_eq!(parse_service_account_subject("system:serviceaccount:ns:sa:x"), None);
         assert_eq!(parse_service_account_subject("system:serviceaccount::sa"), None);
         assert_eq!(parse_service_account_subject("user:alice"), None);
+        assert_eq!(
+            parse_service_account_subject("system:serviceaccount:x/sa/admin:y"),
+            None
+        );
     }
 
     #[test]

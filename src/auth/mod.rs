@@ -8,6 +8,8 @@ pub mod cache;
 pub mod client_cert;
 pub mod issuer;
 pub mod jwt;
+pub mod kube_jwt;
+pub mod tokenreview;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -27,6 +27,8 @@ pub enum CaSource {
     PluggedTls { dir: PathBuf },
     /// Self-signed root persisted in the data dir.
     SelfSigned { dir: PathBuf },
+    /// Self-signed root persisted in Secret `istio-ca-secret` (Kubernetes mode).
+    KubeSecret { namespace: String, name: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -345,7 +347,34 @@ pub fn load_or_create_self_signed(
     Ok(m)
 }
 
-fn key_type_algorithm(k: KeyType) -> &'static str {
+/// Material for a self-signed root held as PEM text (e.g. read from a Secret).
+pub fn from_root_pems(cert_pem: &[u8], key_pem: &[u8], source: CaSource) -> Result<CaMaterial, MaterialError> {
+    let label = PathBuf::from(source_label(&source));
+    let mut all = cert_pem.to_vec();
+    all.extend_from_slice(key_pem);
+    build(
+        &label,
+        cert_pem,
+        &label,
+        key_pem,
+        b"",
+        &label,
+        cert_pem,
+        source,
+        sha256(&all),
+    )
+}
+
+fn source_label(s: &CaSource) -> String {
+    match s {
+        CaSource::Plugged { dir } | CaSource::PluggedTls { dir } | CaSource::SelfSigned { dir } => {
+            dir.display().to_string()
+        }
+        CaSource::KubeSecret { namespace, name } => format!("secret {namespace}/{name}"),
+    }
+}
+
+pub fn key_type_algorithm(k: KeyType) -> &'static str {
     match k {
         KeyType::Rsa2048 => "rsa",
         KeyType::EcdsaP256 => "ecdsa-p256",

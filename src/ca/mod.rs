@@ -1,6 +1,7 @@
 //! The mesh CA: its key material (plugged-in `cacerts` files or a persisted self-signed root),
 //! leaf signing, and the `IstioCertificateService` gRPC handler.
 
+pub mod kube_secret;
 pub mod material;
 pub mod service;
 pub mod signer;

@@ -17,6 +17,26 @@ pub enum SpiffeError {
     BadPath(String),
 }
 
+/// A Kubernetes namespace name: a DNS-1123 label.
+pub fn is_valid_namespace(s: &str) -> bool {
+    is_dns1123_label(s)
+}
+
+/// A Kubernetes service-account name: a DNS-1123 subdomain.
+pub fn is_valid_service_account(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
 impl SpiffeId {
     pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
         Self {
@@ -32,7 +52,9 @@ impl SpiffeId {
             .ok_or_else(|| SpiffeError::NotSpiffe(uri.to_string()))?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
-            [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Ok(Self::new(td, ns, sa)),
+            [td, "ns", ns, "sa", sa] if !td.is_empty() && is_valid_namespace(ns) && is_valid_service_account(sa) => {
+                Ok(Self::new(td, ns, sa))
+            }
             _ => Err(SpiffeError::BadPath(uri.to_string())),
         }
     }
@@ -70,5 +92,15 @@ mod tests {
         assert!(SpiffeId::parse("spiffe://cluster.local/ns/a").is_err());
         assert!(SpiffeId::parse("spiffe://cluster.local/ns//sa/b").is_err());
         assert!(SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b/extra").is_err());
+        assert!(SpiffeId::parse("spiffe://cluster.local/ns/A B/sa/b").is_err());
+    }
+
+    #[test]
+    fn kubernetes_names() {
+        assert!(is_valid_namespace("istio-system"));
+        assert!(!is_valid_namespace("-a") && !is_valid_namespace("A") && !is_valid_namespace("x/sa/admin"));
+        assert!(!is_valid_namespace(&"a".repeat(64)));
+        assert!(is_valid_service_account("istio-reader-service-account") && is_valid_service_account("a.b"));
+        assert!(!is_valid_service_account("a..b") && !is_valid_service_account("a b"));
     }
 }

@@ -1,0 +1,1 @@
+//! Placeholder: see the helper building the fake API server.
