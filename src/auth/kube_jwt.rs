@@ -191,3 +191,262 @@ impl Authenticator for KubeJwtAuthenticator {
         .boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::cache::CacheConfig;
+    use crate::auth::tokenreview::ReviewedAccount;
+    use crate::clock::SystemClock;
+    use crate::cluster::ClusterSource;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A client that is never called: the reviewer seam replaces every API call.
+    fn dummy_client() -> kube::Client {
+        let svc = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, std::io::Error>(std::io::Error::other(
+                "no API server in unit tests",
+            ))
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    #[derive(Default)]
+    struct FakeReviewer {
+        calls: AtomicUsize,
+        delay: Option<Duration>,
+        down: bool,
+    }
+
+    impl TokenReviewer for FakeReviewer {
+        fn review<'a>(
+            &'a self,
+            token: &'a str,
+            _audiences: &'a [String],
+        ) -> BoxFuture<'a, Result<Result<ReviewedAccount, String>, ReviewError>> {
+            async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if let Some(d) = self.delay {
+                    tokio::time::sleep(d).await;
+                }
+                if self.down {
+                    return Err(ReviewError::Transport("connection refused".into()));
+                }
+                match token.strip_prefix("good-") {
+                    Some(sa) => Ok(Ok(ReviewedAccount {
+                        namespace: "istio-system".into(),
+                        service_account: sa.into(),
+                        pod_name: Some("gw-0".into()),
+                        pod_uid: None,
+                    })),
+                    None => Ok(Err(
+                        "token audiences [\"kube\"] is invalid for the target audiences [\"istio-ca\"]".into(),
+                    )),
+                }
+            }
+            .boxed()
+        }
+    }
+
+    struct Setup {
+        authn: KubeJwtAuthenticator,
+        local: Arc<FakeReviewer>,
+        remote: Arc<FakeReviewer>,
+    }
+
+    fn setup(local: FakeReviewer, remote: FakeReviewer, max_reviews: usize, timeout: Duration) -> Setup {
+        let metrics = Registry::new();
+        let mut aliases = BTreeMap::new();
+        aliases.insert("old-name".to_string(), "cluster1".to_string());
+        let clusters = ClusterRegistry::new("cluster1", aliases, Some(dummy_client()), max_reviews, &metrics);
+        clusters.upsert_remote(ClusterHandle::new(
+            "cluster2",
+            dummy_client(),
+            ClusterSource::Secret {
+                namespace: "istio-system".into(),
+                name: "istio-remote-secret-cluster2".into(),
+            },
+            None,
+            None,
+            max_reviews,
+        ));
+        let (local, remote) = (Arc::new(local), Arc::new(remote));
+        let (l2, r2) = (Arc::clone(&local), Arc::clone(&remote));
+        let factory: ReviewerFactory = Arc::new(move |c: &ClusterHandle| {
+            if c.id == "cluster2" {
+                Arc::clone(&r2) as Arc<dyn TokenReviewer>
+            } else {
+                Arc::clone(&l2) as Arc<dyn TokenReviewer>
+            }
+        });
+        let cache = Arc::new(ReviewCache::new(CacheConfig::default(), Arc::new(SystemClock)));
+        let authn = KubeJwtAuthenticator::new(
+            clusters,
+            KubeJwtConfig {
+                trust_domain: "cluster.local".into(),
+                audiences: vec!["istio-ca".into()],
+                timeout,
+            },
+            cache,
+            factory,
+            metrics,
+        );
+        Setup { authn, local, remote }
+    }
+
+    fn creds(token: &str, cluster: &str) -> Credentials {
+        Credentials {
+            bearer: Some(token.into()),
+            cluster_id: cluster.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn clusterid_picks_the_reviewing_cluster() {
+        let s = setup(
+            FakeReviewer::default(),
+            FakeReviewer::default(),
+            8,
+            Duration::from_secs(5),
+        );
+        let id = s.authn.authenticate(&creds("good-gw", "cluster2")).await.unwrap();
+        assert_eq!(id.spiffe.uri(), "spiffe://cluster.local/ns/istio-system/sa/gw");
+        assert_eq!(id.cluster_id.as_deref(), Some("cluster2"));
+        assert_eq!(id.pod_name.as_deref(), Some("gw-0"));
+        assert_eq!(
+            (
+                s.local.calls.load(Ordering::SeqCst),
+                s.remote.calls.load(Ordering::SeqCst)
+            ),
+            (0, 1)
+        );
+        for local in ["", "cluster1", "old-name"] {
+            let id = s
+                .authn
+                .authenticate(&creds(&format!("good-{}", local.len()), local))
+                .await
+                .unwrap();
+            assert_eq!(
+                id.cluster_id.as_deref(),
+                Some("cluster1"),
+                "{local:?} is the local cluster"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_cluster_gets_istiods_message() {
+        let s = setup(
+            FakeReviewer::default(),
+            FakeReviewer::default(),
+            8,
+            Duration::from_secs(5),
+        );
+        match s.authn.authenticate(&creds("good-gw", "cluster9")).await {
+            Err(AuthError::Rejected(m)) => assert_eq!(
+                m,
+                "client claims to be in cluster \"cluster9\", but we only know about local cluster \"cluster1\" and remote clusters [\"cluster2\"]"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_thousand_calls_cost_one_review() {
+        let s = setup(
+            FakeReviewer::default(),
+            FakeReviewer::default(),
+            8,
+            Duration::from_secs(5),
+        );
+        let mut set = tokio::task::JoinSet::new();
+        let authn = Arc::new(s.authn);
+        for _ in 0..1000 {
+            let a = Arc::clone(&authn);
+            set.spawn(async move { a.authenticate(&creds("good-gw", "cluster2")).await.is_ok() });
+        }
+        while let Some(ok) = set.join_next().await {
+            assert!(ok.unwrap());
+        }
+        assert_eq!(s.remote.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn rejection_is_unauthenticated_outage_is_unavailable() {
+        let s = setup(
+            FakeReviewer::default(),
+            FakeReviewer {
+                down: true,
+                ..Default::default()
+            },
+            8,
+            Duration::from_secs(5),
+        );
+        assert!(matches!(
+            s.authn.authenticate(&creds("bad", "cluster1")).await,
+            Err(AuthError::Rejected(m)) if m.contains("audiences")
+        ));
+        assert!(matches!(
+            s.authn.authenticate(&creds("good-gw", "cluster2")).await,
+            Err(AuthError::Unavailable { cluster, .. }) if cluster == "cluster2"
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_api_server_times_out_as_unavailable() {
+        let s = setup(
+            FakeReviewer::default(),
+            FakeReviewer {
+                delay: Some(Duration::from_secs(60)),
+                ..Default::default()
+            },
+            8,
+            Duration::from_secs(5),
+        );
+        let started = tokio::time::Instant::now();
+        match s.authn.authenticate(&creds("good-gw", "cluster2")).await {
+            Err(AuthError::Unavailable { cluster, reason }) => {
+                assert_eq!(cluster, "cluster2");
+                assert!(reason.contains("5s"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overflow_is_refused_fast_not_queued() {
+        let s = setup(
+            FakeReviewer::default(),
+            FakeReviewer {
+                delay: Some(Duration::from_secs(2)),
+                ..Default::default()
+            },
+            2,
+            Duration::from_secs(5),
+        );
+        let authn = Arc::new(s.authn);
+        let mut slow = Vec::new();
+        for i in 0..2 {
+            let a = Arc::clone(&authn);
+            slow.push(tokio::spawn(async move {
+                a.authenticate(&creds(&format!("good-{i}"), "cluster2")).await
+            }));
+        }
+        tokio::task::yield_now().await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        let r = authn.authenticate(&creds("good-third", "cluster2")).await;
+        assert!(
+            matches!(r, Err(AuthError::Overloaded { ref cluster }) if cluster == "cluster2"),
+            "{r:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO, "refused without waiting");
+        for t in slow {
+            assert!(t.await.unwrap().is_ok());
+        }
+    }
+}
