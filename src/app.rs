@@ -349,6 +349,19 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = Vec::new();
+    // --- root-cert distribution (src/rootcert): istio-ca-root-cert in the local cluster and in
+    // remote clusters that name this one in topology.istio.io/controlPlaneClusters. Started once
+    // the listeners are bound; on shutdown it stops writing and releases held leases. ---
+    if args.root_cert_configmaps {
+        let d = crate::rootcert::RootCertDistributor::new(
+            crate::rootcert::RootCertConfig::from_args(&args),
+            Arc::clone(&store),
+            &registry,
+        );
+        clusters.add_handler(Arc::clone(&d) as Arc<dyn crate::cluster::ClusterHandler>);
+        servers.push(d.spawn_stop_on(shutdown_rx.clone()));
+    }
+    // --- end root-cert distribution ---
 
     let handshake_errors = registry.counter_vec(
         "meshd_tls_handshake_errors",

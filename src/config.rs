@@ -34,6 +34,8 @@ pub enum Command {
     /// Load tools (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Print a remote secret (istioctl's shape) giving meshd read access to a remote cluster.
+    CreateRemoteSecret(Box<crate::remote_secret::CreateRemoteSecretArgs>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -162,6 +164,21 @@ pub struct ServeArgs {
     /// Time given to open streams to finish after SIGTERM.
     #[arg(long, env = "MESHD_SHUTDOWN_DURATION", default_value = "10s", value_parser = duration)]
     pub shutdown_duration: Duration,
+    // --- root-cert distribution (src/rootcert) ---
+    /// Write ConfigMap istio-ca-root-cert into every namespace of the local cluster and of each
+    /// remote cluster whose system namespace names this cluster in
+    /// topology.istio.io/controlPlaneClusters.
+    #[arg(long, env = "MESHD_ROOT_CERT_CONFIGMAPS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub root_cert_configmaps: bool,
+    /// Base of this replica's identity in leader-election Leases (a random suffix is added);
+    /// defaults to the host name.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// How long a leader-election Lease stays valid without renewal (whole seconds, at least 2s);
+    /// the holder renews it a third of this before expiry.
+    #[arg(long, env = "MESHD_LEADER_ELECTION_LEASE_DURATION", default_value = "30s", value_parser = duration)]
+    pub leader_election_lease_duration: Duration,
+    // --- end root-cert distribution ---
     #[command(flatten)]
     pub log: LogArgs,
 }

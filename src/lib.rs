@@ -21,6 +21,8 @@ pub mod grpc;
 pub mod logging;
 pub mod pki;
 pub mod proto;
+pub mod remote_secret;
+pub mod rootcert;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

@@ -36,6 +36,10 @@ fn main() -> std::process::ExitCode {
                 meshd::logging::init(&quiet_logs());
                 meshd::bench::run(cmd).await
             }
+            Command::CreateRemoteSecret(args) => {
+                meshd::logging::init(&quiet_logs());
+                meshd::remote_secret::run(*args).await
+            }
         }
     });
     match result {

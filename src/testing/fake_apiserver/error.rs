@@ -57,7 +57,12 @@ impl ApiError {
     }
 
     pub fn already_exists(rt: &ResourceType, name: &str) -> Self {
-        Self::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", rt.qualified())).with_details(rt, name)
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", rt.qualified()),
+        )
+        .with_details(rt, name)
     }
 
     /// A write whose `metadata.resourceVersion` is not the stored one.
@@ -79,7 +84,12 @@ impl ApiError {
 
     /// 422, as validation failures are: `Secret "x" is invalid: <field>: <detail>`.
     pub fn invalid(kind: &str, name: &str, rt: &ResourceType, detail: impl Into<String>) -> Self {
-        Self::new(422, "Invalid", format!("{kind} \"{name}\" is invalid: {}", detail.into())).with_details(rt, name)
+        Self::new(
+            422,
+            "Invalid",
+            format!("{kind} \"{name}\" is invalid: {}", detail.into()),
+        )
+        .with_details(rt, name)
     }
 
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
@@ -87,7 +97,13 @@ impl ApiError {
     }
 
     pub fn unsupported_media_type(ct: &str) -> Self {
-        Self::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"))
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"
+            ),
+        )
     }
 
     pub fn unauthorized() -> Self {
@@ -104,7 +120,11 @@ impl ApiError {
 
     /// What the watch cache answers for a resourceVersion that fell out of its window.
     pub fn too_old(requested: u64, oldest: u64) -> Self {
-        Self::new(410, "Expired", format!("too old resource version: {requested} ({oldest})"))
+        Self::new(
+            410,
+            "Expired",
+            format!("too old resource version: {requested} ({oldest})"),
+        )
     }
 
     /// A `continue` token whose snapshot was compacted away.
@@ -122,8 +142,14 @@ impl ApiError {
         let (reason, message) = match code {
             429 => ("TooManyRequests", "Too many requests, please try again later."),
             500 => ("InternalError", "Internal error occurred: injected fault"),
-            503 => ("ServiceUnavailable", "The server is currently unable to handle the request"),
-            504 => ("Timeout", "Timeout: request did not complete within the allowed duration"),
+            503 => (
+                "ServiceUnavailable",
+                "The server is currently unable to handle the request",
+            ),
+            504 => (
+                "Timeout",
+                "Timeout: request did not complete within the allowed duration",
+            ),
             401 => ("Unauthorized", "Unauthorized"),
             403 => ("Forbidden", "forbidden: injected fault"),
             404 => ("NotFound", "the server could not find the requested resource"),

@@ -48,7 +48,11 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), JsonPatchErro
             .get("path")
             .and_then(Value::as_str)
             .ok_or_else(|| JsonPatchError::Shape("operation without a path".into()))?;
-        let value = || op.get("value").cloned().ok_or_else(|| JsonPatchError::Shape(format!("{name} without a value")));
+        let value = || {
+            op.get("value")
+                .cloned()
+                .ok_or_else(|| JsonPatchError::Shape(format!("{name} without a value")))
+        };
         let from = || {
             op.get("from")
                 .and_then(Value::as_str)
@@ -110,7 +114,8 @@ fn add(doc: &mut Value, path: &str, value: Value) -> Result<(), JsonPatchError> 
             let i = if last == "-" {
                 a.len()
             } else {
-                last.parse::<usize>().map_err(|_| JsonPatchError::BadPointer(path.into()))?
+                last.parse::<usize>()
+                    .map_err(|_| JsonPatchError::BadPointer(path.into()))?
             };
             if i > a.len() {
                 return Err(JsonPatchError::Missing(path.into()));
@@ -165,7 +170,10 @@ mod tests {
         .unwrap();
         assert_eq!(t, json!({"metadata": {"labels": {"b/c": "2"}}, "l": [0, 2, 3], "y": 3}));
         let before = t.clone();
-        let err = json_patch(&mut t, &json!([{"op": "add", "path": "/q", "value": 1}, {"op": "test", "path": "/y", "value": 4}]));
+        let err = json_patch(
+            &mut t,
+            &json!([{"op": "add", "path": "/q", "value": 1}, {"op": "test", "path": "/y", "value": 4}]),
+        );
         assert!(err.is_err());
         assert_eq!(t, before, "a failed patch changes nothing");
     }

@@ -216,7 +216,10 @@ mod tests {
             groups: vec!["g".into()],
             ..Default::default()
         };
-        rbac.grant("u", vec![Rule::new(&["get"], &[""], &["secrets"]).in_namespaces(&["a"])]);
+        rbac.grant(
+            "u",
+            vec![Rule::new(&["get"], &[""], &["secrets"]).in_namespaces(&["a"])],
+        );
         rbac.grant("g", vec![Rule::new(&["list"], &["apps"], &["*"])]);
         assert!(rbac.allowed(&user, &attrs("get", "", "secrets", "a")));
         assert!(!rbac.allowed(&user, &attrs("get", "", "secrets", "b")));

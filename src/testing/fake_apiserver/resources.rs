@@ -108,8 +108,20 @@ const TABLE: &[(&str, &str, &str, &str, u8)] = &[
     ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", NS | STATUS),
     ("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", NS),
     ("coordination.k8s.io", "v1", "leases", "Lease", NS),
-    ("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", 0),
-    ("admissionregistration.k8s.io", "v1", "validatingwebhookconfigurations", "ValidatingWebhookConfiguration", 0),
+    (
+        "admissionregistration.k8s.io",
+        "v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        0,
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "v1",
+        "validatingwebhookconfigurations",
+        "ValidatingWebhookConfiguration",
+        0,
+    ),
     ("apps", "v1", "deployments", "Deployment", NS | STATUS),
     ("apps", "v1", "replicasets", "ReplicaSet", NS | STATUS),
     ("apps", "v1", "statefulsets", "StatefulSet", NS | STATUS),
@@ -117,30 +129,132 @@ const TABLE: &[(&str, &str, &str, &str, u8)] = &[
     ("rbac.authorization.k8s.io", "v1", "roles", "Role", NS),
     ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", NS),
     ("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", 0),
-    ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", 0),
-    ("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", STATUS),
+    (
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        0,
+    ),
+    (
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        STATUS,
+    ),
     ("networking.k8s.io", "v1", "ingresses", "Ingress", NS | STATUS),
     ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", NS),
     ("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", 0),
-    ("authorization.k8s.io", "v1", "subjectaccessreviews", "SubjectAccessReview", 0),
-    ("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview", 0),
+    (
+        "authorization.k8s.io",
+        "v1",
+        "subjectaccessreviews",
+        "SubjectAccessReview",
+        0,
+    ),
+    (
+        "authorization.k8s.io",
+        "v1",
+        "selfsubjectaccessreviews",
+        "SelfSubjectAccessReview",
+        0,
+    ),
     ("networking.istio.io", "v1", "gateways", "Gateway", NS | STATUS),
-    ("networking.istio.io", "v1", "virtualservices", "VirtualService", NS | STATUS),
-    ("networking.istio.io", "v1", "destinationrules", "DestinationRule", NS | STATUS),
-    ("networking.istio.io", "v1", "serviceentries", "ServiceEntry", NS | STATUS),
+    (
+        "networking.istio.io",
+        "v1",
+        "virtualservices",
+        "VirtualService",
+        NS | STATUS,
+    ),
+    (
+        "networking.istio.io",
+        "v1",
+        "destinationrules",
+        "DestinationRule",
+        NS | STATUS,
+    ),
+    (
+        "networking.istio.io",
+        "v1",
+        "serviceentries",
+        "ServiceEntry",
+        NS | STATUS,
+    ),
     ("networking.istio.io", "v1", "sidecars", "Sidecar", NS | STATUS),
-    ("networking.istio.io", "v1", "workloadentries", "WorkloadEntry", NS | STATUS),
-    ("networking.istio.io", "v1", "workloadgroups", "WorkloadGroup", NS | STATUS),
-    ("networking.istio.io", "v1alpha3", "envoyfilters", "EnvoyFilter", NS | STATUS),
-    ("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", NS | STATUS),
-    ("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", NS | STATUS),
-    ("security.istio.io", "v1", "requestauthentications", "RequestAuthentication", NS | STATUS),
+    (
+        "networking.istio.io",
+        "v1",
+        "workloadentries",
+        "WorkloadEntry",
+        NS | STATUS,
+    ),
+    (
+        "networking.istio.io",
+        "v1",
+        "workloadgroups",
+        "WorkloadGroup",
+        NS | STATUS,
+    ),
+    (
+        "networking.istio.io",
+        "v1alpha3",
+        "envoyfilters",
+        "EnvoyFilter",
+        NS | STATUS,
+    ),
+    (
+        "security.istio.io",
+        "v1",
+        "peerauthentications",
+        "PeerAuthentication",
+        NS | STATUS,
+    ),
+    (
+        "security.istio.io",
+        "v1",
+        "authorizationpolicies",
+        "AuthorizationPolicy",
+        NS | STATUS,
+    ),
+    (
+        "security.istio.io",
+        "v1",
+        "requestauthentications",
+        "RequestAuthentication",
+        NS | STATUS,
+    ),
     ("telemetry.istio.io", "v1", "telemetries", "Telemetry", NS | STATUS),
-    ("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass", STATUS),
+    (
+        "gateway.networking.k8s.io",
+        "v1",
+        "gatewayclasses",
+        "GatewayClass",
+        STATUS,
+    ),
     ("gateway.networking.k8s.io", "v1", "gateways", "Gateway", NS | STATUS),
-    ("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", NS | STATUS),
-    ("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute", NS | STATUS),
-    ("gateway.networking.k8s.io", "v1beta1", "referencegrants", "ReferenceGrant", NS),
+    (
+        "gateway.networking.k8s.io",
+        "v1",
+        "httproutes",
+        "HTTPRoute",
+        NS | STATUS,
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "v1",
+        "grpcroutes",
+        "GRPCRoute",
+        NS | STATUS,
+    ),
+    (
+        "gateway.networking.k8s.io",
+        "v1beta1",
+        "referencegrants",
+        "ReferenceGrant",
+        NS,
+    ),
 ];
 
 /// Versions served for a group beyond the table's (Istio serves several for its CRDs).
@@ -155,13 +269,16 @@ pub fn extra_versions(group: &str) -> &'static [&'static str] {
 }
 
 fn lookup(group: &str, plural: &str) -> Option<ResourceInfo> {
-    TABLE.iter().find(|r| r.0 == group && r.2 == plural).map(|r| ResourceInfo {
-        kind: r.3.into(),
-        namespaced: Some(r.4 & NS != 0),
-        has_status: r.4 & STATUS != 0,
-        singular: r.3.to_ascii_lowercase(),
-        known: true,
-    })
+    TABLE
+        .iter()
+        .find(|r| r.0 == group && r.2 == plural)
+        .map(|r| ResourceInfo {
+            kind: r.3.into(),
+            namespaced: Some(r.4 & NS != 0),
+            has_status: r.4 & STATUS != 0,
+            singular: r.3.to_ascii_lowercase(),
+            known: true,
+        })
 }
 
 /// Every built-in resource, with the version the table lists for it.
@@ -226,7 +343,10 @@ mod tests {
     #[test]
     fn kinds_and_plurals_round_trip() {
         assert_eq!(for_kind("v1", "Secret"), ResourceType::core("secrets"));
-        assert_eq!(for_kind("networking.istio.io/v1beta1", "VirtualService").plural, "virtualservices");
+        assert_eq!(
+            for_kind("networking.istio.io/v1beta1", "VirtualService").plural,
+            "virtualservices"
+        );
         assert_eq!(for_kind("example.com/v1", "Policy").plural, "policies");
         assert_eq!(for_kind("example.com/v1", "Gateway").plural, "gateways");
         assert_eq!(for_kind("example.com/v1", "Class").plural, "classes");

@@ -24,9 +24,8 @@ pub struct LabelSelector(Vec<LabelReq>);
 
 impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, ApiError> {
-        let bad = |why: &str| {
-            ApiError::bad_request(format!("unable to parse requirement: {why} (labelSelector {s:?})"))
-        };
+        let bad =
+            |why: &str| ApiError::bad_request(format!("unable to parse requirement: {why} (labelSelector {s:?})"));
         let mut reqs = Vec::new();
         for part in split_top_level(s) {
             let part = part.trim();
@@ -37,7 +36,10 @@ impl LabelSelector {
                 LabelReq::NotExists(key_of(key.trim()).map_err(|e| bad(&e))?)
             } else if let Some(open) = part.find('(') {
                 let head = part[..open].trim_end();
-                let close = part.rfind(')').filter(|c| *c > open).ok_or_else(|| bad("missing ')'"))?;
+                let close = part
+                    .rfind(')')
+                    .filter(|c| *c > open)
+                    .ok_or_else(|| bad("missing ')'"))?;
                 if !part[close + 1..].trim().is_empty() {
                     return Err(bad("unexpected text after ')'"));
                 }
@@ -110,7 +112,11 @@ fn key_of(k: &str) -> Result<String, String> {
     let ok = !k.is_empty()
         && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-    if ok { Ok(k.to_string()) } else { Err(format!("invalid label key {k:?}")) }
+    if ok {
+        Ok(k.to_string())
+    } else {
+        Err(format!("invalid label key {k:?}"))
+    }
 }
 
 /// A parsed `fieldSelector`.
@@ -133,9 +139,7 @@ impl FieldSelector {
             };
             let field = field.trim();
             if !supported_field(rt, field) {
-                return Err(ApiError::bad_request(format!(
-                    "field label not supported: {field}"
-                )));
+                return Err(ApiError::bad_request(format!("field label not supported: {field}")));
             }
             reqs.push((field.to_string(), eq, value.trim().to_string()));
         }
@@ -144,14 +148,6 @@ impl FieldSelector {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
-    }
-
-    /// The single name an equality on `metadata.name` pins, if any.
-    pub fn pinned_name(&self) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(f, eq, _)| *eq && f == "metadata.name")
-            .map(|(_, _, v)| v.as_str())
     }
 
     pub fn matches(&self, obj: &Value) -> bool {

@@ -237,7 +237,11 @@ impl Store {
                         change: None,
                     });
                 }
-                let kind = if old.is_some() { ChangeKind::Modified } else { ChangeKind::Added };
+                let kind = if old.is_some() {
+                    ChangeKind::Modified
+                } else {
+                    ChangeKind::Added
+                };
                 let obj = inner.commit(&self.feed, &gr, key, kind, new, old);
                 Ok(Written {
                     object: Some(obj),
@@ -342,9 +346,15 @@ fn stamp(new: &mut Value, key: &ObjKey, old: Option<&Value>) {
     } else {
         meta.insert("namespace".into(), json!(key.namespace));
     }
-    let keep = |field: &str, fresh: Value| old.and_then(|o| o.pointer(&format!("/metadata/{field}")).cloned()).unwrap_or(fresh);
+    let keep = |field: &str, fresh: Value| {
+        old.and_then(|o| o.pointer(&format!("/metadata/{field}")).cloned())
+            .unwrap_or(fresh)
+    };
     meta.insert("uid".into(), keep("uid", json!(new_uid())));
-    meta.insert("creationTimestamp".into(), keep("creationTimestamp", json!(now_rfc3339())));
+    meta.insert(
+        "creationTimestamp".into(),
+        keep("creationTimestamp", json!(now_rfc3339())),
+    );
     meta.insert("generation".into(), json!(generation));
     if let Some(rv) = old.and_then(|o| o.pointer("/metadata/resourceVersion")) {
         meta.insert("resourceVersion".into(), rv.clone());
@@ -385,7 +395,14 @@ pub fn new_uid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Now, to the second, as `metav1.Time` serializes.
@@ -402,7 +419,9 @@ mod tests {
     fn put(store: &Store, name: &str, data: &str) -> Written {
         store
             .write(&ResourceType::core("configmaps"), &ObjKey::new("ns", name), |_| {
-                Ok(Write::Put(json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": name}, "data": {"k": data}})))
+                Ok(Write::Put(
+                    json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": name}, "data": {"k": data}}),
+                ))
             })
             .unwrap()
     }

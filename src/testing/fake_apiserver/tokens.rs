@@ -99,12 +99,17 @@ pub struct TokenSigner {
 
 impl std::fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSigner").field("issuer", &self.issuer).field("kid", &self.kid).finish()
+        f.debug_struct("TokenSigner")
+            .field("issuer", &self.issuer)
+            .field("kid", &self.kid)
+            .finish()
     }
 }
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl TokenSigner {
@@ -116,8 +121,8 @@ impl TokenSigner {
         let encoding = EncodingKey::from_rsa_pem(key.serialize_pem().as_bytes()).map_err(crypto)?;
         let decoding = DecodingKey::from_rsa_pem(key.public_key_pem().as_bytes()).map_err(crypto)?;
         // Like kube-apiserver: the key id is a hash of the public key.
-        let kid = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(crate::pki::sha256(&key.subject_public_key_info()));
+        let kid =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::pki::sha256(&key.subject_public_key_info()));
         let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::RS256).map_err(crypto)?;
         jwk.common.key_id = Some(kid.clone());
         jwk.common.key_algorithm = Some(KeyAlgorithm::RS256);
@@ -264,9 +269,11 @@ mod tests {
     fn mint_and_verify() {
         let s = TokenSigner::generate("https://kubernetes.default.svc.cluster.local").unwrap();
         let t = s.mint_bound(&req(3600)).unwrap();
-        let Verified::Bound(c) = s.verify(&t).unwrap() else { panic!("bound") };
+        let Verified::Bound(c) = s.verify(&t).unwrap() else {
+            panic!("bound")
+        };
         assert_eq!(c.sub, "system:serviceaccount:ns:sa");
-        assert_eq!(c.kubernetes.pod.unwrap().uid, "pu");
+        assert_eq!(c.kubernetes.pod.as_ref().unwrap().uid, "pu");
         assert!(check_times(&c, SystemTime::now()).is_ok());
         assert!(check_times(&c, SystemTime::now() + Duration::from_secs(3600 + 61)).is_err());
 

@@ -1,1 +1,0 @@
-//! Placeholder: see the helper building the fake API server.
