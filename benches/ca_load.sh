@@ -12,6 +12,8 @@
 #   WARMUP [2s]  RUNS [3]  NO_BUILD [unset; set to 1 to reuse target/release/meshd]
 #   OUT [unset; directory where every run's JSON and the server logs are kept]
 #   BIN [target/release/meshd]
+#   TRANSPORT [unset; set to 1 to also drive grpc.health.v1.Health/Check on the same server, over
+#             TLS and over the plaintext port: the transport floor the CA's figure is compared to]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -76,10 +78,12 @@ for KT in $KEY_TYPES; do
     SERVER_PID=$!
 
     ADDR=""
+    PLAIN_ADDR=""
     DEADLINE=$((SECONDS + 30))
     while [ -z "$ADDR" ]; do
         ADDR=$(sed -n 's/.*listener=grpc-tls addr=\([0-9.]*:[0-9]*\).*/\1/p' "$LOG" | head -n1)
-        [ -n "$ADDR" ] && break
+        PLAIN_ADDR=$(sed -n 's/.*listener=grpc-plaintext addr=\([0-9.]*:[0-9]*\).*/\1/p' "$LOG" | head -n1)
+        [ -n "$ADDR" ] && [ -n "$PLAIN_ADDR" ] && break
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
             echo "ca_load.sh: meshd serve exited; its log:" >&2
             cat "$LOG" >&2
@@ -107,12 +111,34 @@ for KT in $KEY_TYPES; do
             --warmup "$WARMUP" \
             --server-pid "$SERVER_PID" \
             --json >"$J"
-        jq -r --arg run "$RUN" '"run \($run): rps \(.rps|floor)  p50 \(.latency_ms.p50*100|round/100) ms  p90 \(.latency_ms.p90*100|round/100) ms  p99 \(.latency_ms.p99*100|round/100) ms  server CPU \(.server_cpu_s*100|round/100) s  OK/server-CPU-s \(.ok_per_server_cpu_s|floor)  raw sign \(.raw_limit.sign_us*10|round/10) us + verify \(.raw_limit.verify_us*10|round/10) us -> limit \(.raw_limit.limit_per_cpu_s|floor)/CPU-s  ratio \(.ratio_to_limit*1000|round/10) %  codes \(.status_codes|tostring)"' "$J"
+        jq -r --arg run "$RUN" '"run \($run): rps \(.rps|floor)  p50 \(.latency_ms.p50*100|round/100) ms  p90 \(.latency_ms.p90*100|round/100) ms  p99 \(.latency_ms.p99*100|round/100) ms  server CPU \(.server_cpu_s*100|round/100) s  client CPU \(.client_cpu_s*100|round/100) s  other CPU \(.other_cpu_s*100|round/100) s  OK/server-CPU-s \(.ok_per_server_cpu_s|floor)  raw sign \(.raw_limit.sign_us*10|round/10) us + verify \(.raw_limit.verify_us*10|round/10) us -> limit \(.raw_limit.limit_per_cpu_s|floor)/CPU-s  ratio \(.ratio_to_limit*1000|round/10) %  codes \(.status_codes|tostring)"' "$J"
     done
+    if [ "${TRANSPORT:-0}" = 1 ]; then
+        for MODE in tls plaintext; do
+            for RUN in $(seq 1 "$RUNS"); do
+                J="$WORK/health-$MODE-$KT-run$RUN.json"
+                if [ "$MODE" = tls ]; then
+                    TARGET=(--addr "$ADDR" --data-dir "$DATA")
+                else
+                    TARGET=(--addr "$PLAIN_ADDR" --plaintext)
+                fi
+                "$BIN" bench ca --rpc health "${TARGET[@]}" \
+                    --concurrency "$CONCURRENCY" \
+                    --connections "$CONNECTIONS" \
+                    --duration "$DURATION" \
+                    --warmup "$WARMUP" \
+                    --server-pid "$SERVER_PID" \
+                    --json >"$J"
+                jq -r --arg run "$RUN" --arg mode "$MODE" '"health \($mode) run \($run): rps \(.rps|floor)  p50 \(.latency_ms.p50*100|round/100) ms  p99 \(.latency_ms.p99*100|round/100) ms  server CPU \(.server_cpu_s*100|round/100) s  client CPU \(.client_cpu_s*100|round/100) s  other CPU \(.other_cpu_s*100|round/100) s  OK/server-CPU-s \(.ok_per_server_cpu_s|floor)  codes \(.status_codes|tostring)"' "$J"
+            done
+            V=$(for J in "$WORK/health-$MODE-$KT"-run*.json; do jq -r '.ok_per_server_cpu_s' "$J"; done | median)
+            echo "-- health $MODE: median OK per server CPU-second $V (server CPU per call $(awk -v v="$V" 'BEGIN { printf "%.1f", 1e6 / v }') us)"
+        done
+    fi
     stop_server
 
     echo "-- median of $RUNS runs (CA $KT, CSR $KT):"
-    for F in rps latency_ms.p50 latency_ms.p90 latency_ms.p99 latency_ms.max server_cpu_s client_cpu_s \
+    for F in rps latency_ms.p50 latency_ms.p90 latency_ms.p99 latency_ms.max server_cpu_s client_cpu_s other_cpu_s \
         ok_per_server_cpu_s raw_limit.sign_us raw_limit.verify_us raw_limit.limit_per_cpu_s ratio_to_limit; do
         V=$(for J in "$WORK/$KT"-run*.json; do jq -r ".$F" "$J"; done | median)
         printf '   %-28s %s\n' "$F" "$V"

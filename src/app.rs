@@ -26,6 +26,8 @@ use crate::cluster::{ClusterRegistry, files};
 use crate::config::{LocalIssuerMode, ServeArgs};
 use crate::pki::keys::KeyType;
 use crate::proto::CA_SERVICE_NAME;
+use crate::registry::MeshStore;
+use crate::xds::{XdsServer, push};
 use crate::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use crate::tls::{self, acceptor, client_verifier::MeshClientVerifier, serving};
 
@@ -44,6 +46,9 @@ pub struct BoundAddrs {
 /// A running meshd.
 pub struct Meshd {
     pub addrs: BoundAddrs,
+    /// The service model every source writes into.
+    pub mesh: Arc<MeshStore>,
+    pub xds: XdsServer,
     pub clusters: Arc<ClusterRegistry>,
     pub data_dir: PathBuf,
     pub registry: Arc<Registry>,
@@ -314,6 +319,23 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     ));
     let ca_metrics = CaMetrics::register(&registry);
 
+    let mesh = MeshStore::new();
+    let push_throttle = if args.push_throttle == 0 {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (15 + 5 * cpus).min(100)
+    } else {
+        args.push_throttle
+    };
+    let xds = XdsServer::new(mesh.snapshot(), Arc::clone(&auth), &registry, push_throttle);
+    background.push(push::spawn_debouncer(
+        Arc::clone(&mesh),
+        Arc::new(xds.clone()),
+        push::Debounce {
+            after: args.debounce_after,
+            max: args.debounce_max,
+        },
+    ));
+
     // Serving certificate and client-certificate verification, both following the CA.
     let serving_cfg = serving::ServingCertConfig {
         sans: serving::ServingCertConfig::istiod_names(&args.system_namespace, &args.server_sans),
@@ -391,6 +413,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let router = tonic::transport::Server::builder()
             .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
+            .add_service(xds.service(true))
             .add_service(health)
             .add_service(reflect_v1)
             .add_service(reflect_v1alpha);
@@ -409,6 +432,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let router = tonic::transport::Server::builder()
             .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
+            .add_service(xds.service(false))
             .add_service(health)
             .add_service(reflect_v1)
             .add_service(reflect_v1alpha);
@@ -446,6 +470,8 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             ready: ready_addr,
         },
         data_dir: args.data_dir,
+        mesh,
+        xds,
         clusters,
         registry,
         readiness,

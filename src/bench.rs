@@ -12,13 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use clap::{ArgAction, Args, Subcommand};
+use clap::{ArgAction, Args, Subcommand, ValueEnum};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::auth::issuer::LocalIssuer;
 use crate::pki::SpiffeId;
 use crate::pki::keys::KeyType;
+use crate::proto::CA_SERVICE_NAME;
 use crate::proto::istio_ca::IstioCertificateRequest;
 use crate::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
 
@@ -103,6 +106,21 @@ pub struct CaBenchArgs {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
+    /// The RPC to drive. `health` (grpc.health.v1.Health/Check for the CA service) needs no
+    /// token or CSR: it measures the transport floor (TLS, HTTP/2, tonic) for comparison.
+    #[arg(long, value_enum, default_value = "create-certificate")]
+    pub rpc: Rpc,
+    /// Connect without TLS (meshd's plaintext port serves health, never the CA): with
+    /// `--rpc health`, the difference to the TLS port is the cost of TLS.
+    #[arg(long)]
+    pub plaintext: bool,
+}
+
+/// What `meshd bench ca` calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Rpc {
+    CreateCertificate,
+    Health,
 }
 
 /// Raw signature operations, shared with `benches/ca_sign.rs` so the criterion figures and the
@@ -439,6 +457,31 @@ impl CallTemplate {
     }
 }
 
+/// One caller's stub.
+#[derive(Clone)]
+enum Client {
+    Ca(IstioCertificateServiceClient<Channel>),
+    Health(HealthClient<Channel>),
+}
+
+impl Client {
+    async fn call(&mut self, tpl: &CallTemplate) -> Result<(), tonic::Status> {
+        match self {
+            Client::Ca(c) => c.create_certificate(tpl.request()).await.map(|r| {
+                std::hint::black_box(r.into_inner());
+            }),
+            Client::Health(c) => c
+                .check(HealthCheckRequest {
+                    service: CA_SERVICE_NAME.into(),
+                })
+                .await
+                .map(|r| {
+                    std::hint::black_box(r.into_inner());
+                }),
+        }
+    }
+}
+
 /// What the callers of one run saw.
 #[derive(Default)]
 struct RunStats {
@@ -484,18 +527,14 @@ impl Stop {
     }
 }
 
-async fn caller(mut client: IstioCertificateServiceClient<Channel>, tpl: Arc<CallTemplate>, stop: Stop) -> RunStats {
+async fn caller(mut client: Client, tpl: Arc<CallTemplate>, stop: Stop) -> RunStats {
     let mut stats = RunStats::default();
     while stop.take() {
-        let req = tpl.request();
         let started = Instant::now();
-        let result = client.create_certificate(req).await;
+        let result = client.call(&tpl).await;
         stats.latencies_ns.push(started.elapsed().as_nanos() as u64);
         let code = match result {
-            Ok(resp) => {
-                std::hint::black_box(resp.into_inner());
-                tonic::Code::Ok
-            }
+            Ok(()) => tonic::Code::Ok,
             Err(status) => {
                 if stats.errors.len() < 10 {
                     *stats
@@ -511,12 +550,7 @@ async fn caller(mut client: IstioCertificateServiceClient<Channel>, tpl: Arc<Cal
     stats
 }
 
-async fn run_load(
-    clients: &[IstioCertificateServiceClient<Channel>],
-    tpl: &Arc<CallTemplate>,
-    concurrency: u64,
-    stop: Stop,
-) -> RunStats {
+async fn run_load(clients: &[Client], tpl: &Arc<CallTemplate>, concurrency: u64, stop: Stop) -> RunStats {
     let tasks: Vec<_> = (0..concurrency as usize)
         .map(|i| {
             tokio::spawn(caller(
@@ -564,6 +598,12 @@ fn token(args: &CaBenchArgs, lifetime: Duration) -> anyhow::Result<(String, Opti
         let id = token_subject(&t).map(|(ns, sa)| SpiffeId::new(&args.trust_domain, &ns, &sa));
         return Ok((t, id));
     }
+    if !crate::auth::issuer::key_path(&args.data_dir).exists() {
+        bail!(
+            "no standalone issuer key in {} (give meshd's --data-dir, or --token FILE)",
+            args.data_dir.display()
+        );
+    }
     let issuer = LocalIssuer::load_or_create(&args.data_dir)
         .with_context(|| format!("loading the standalone issuer from {}", args.data_dir.display()))?;
     let t = issuer.mint(
@@ -600,45 +640,97 @@ async fn run_ca(args: CaBenchArgs) -> anyhow::Result<()> {
         .root_cert
         .clone()
         .unwrap_or_else(|| args.data_dir.join("root-cert.pem"));
-    let root_pem = std::fs::read(&root_path).with_context(|| format!("reading root cert {}", root_path.display()))?;
+    let root_pem = if args.plaintext {
+        Vec::new()
+    } else {
+        std::fs::read(&root_path).with_context(|| format!("reading root cert {}", root_path.display()))?
+    };
     let planned = args.warmup + args.duration;
-    let (token, expected) = token(&args, Duration::from_secs(3600) + planned * 2)?;
-    let (_key, csr) = crate::client::make_csr(args.key_type, expected.as_ref())?;
-    let tpl = Arc::new(CallTemplate {
-        csr: csr.clone(),
-        validity_secs: args.ttl.as_secs() as i64,
-        authorization: MetadataValue::try_from(format!("Bearer {token}")).context("token is not valid metadata")?,
-        cluster_id: MetadataValue::try_from(args.cluster_id.as_str()).context("--cluster-id is not valid metadata")?,
-    });
+    let (tpl, expected) = match args.rpc {
+        Rpc::CreateCertificate => {
+            let (token, expected) = token(&args, Duration::from_secs(3600) + planned * 2)?;
+            let (_key, csr) = crate::client::make_csr(args.key_type, expected.as_ref())?;
+            let tpl = CallTemplate {
+                csr,
+                validity_secs: args.ttl.as_secs() as i64,
+                authorization: MetadataValue::try_from(format!("Bearer {token}"))
+                    .context("token is not valid metadata")?,
+                cluster_id: MetadataValue::try_from(args.cluster_id.as_str())
+                    .context("--cluster-id is not valid metadata")?,
+            };
+            (tpl, expected)
+        }
+        Rpc::Health => (
+            CallTemplate {
+                csr: String::new(),
+                validity_secs: 0,
+                authorization: MetadataValue::from_static(""),
+                cluster_id: MetadataValue::from_static(""),
+            },
+            None,
+        ),
+    };
+    let tpl = Arc::new(tpl);
 
     let mut clients = Vec::new();
     for _ in 0..args.connections {
-        let ch = crate::client::connect(&args.addr, &args.server_name, &root_pem, None).await?;
-        clients.push(IstioCertificateServiceClient::new(ch));
+        let ch = if args.plaintext {
+            Endpoint::from_shared(format!("http://{}", args.addr))?
+                .connect_timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {} (plaintext)", args.addr))?
+        } else {
+            crate::client::connect(&args.addr, &args.server_name, &root_pem, None).await?
+        };
+        clients.push(match args.rpc {
+            Rpc::CreateCertificate => Client::Ca(IstioCertificateServiceClient::new(ch)),
+            Rpc::Health => Client::Health(HealthClient::new(ch)),
+        });
     }
 
-    // Never benchmark errors: the first answer must be a valid certificate for our identity.
-    let first = clients[0]
-        .clone()
-        .create_certificate(tpl.request())
-        .await
-        .map_err(|s| anyhow::anyhow!("first CreateCertificate failed: {:?}: {}", s.code(), s.message()))?
-        .into_inner();
-    crate::client::verify_response(&first.cert_chain, &root_pem, expected.as_ref())
-        .context("first CreateCertificate answer")?;
-
-    let raw = if args.raw_limit {
-        // The issuing certificate: the first intermediate when the answer carries any, else the root.
-        let issuer_der = if first.cert_chain.len() > 2 {
-            crate::pki::pem::parse_certs(first.cert_chain[1].as_bytes())?.remove(0)
-        } else {
-            crate::pki::pem::parse_certs(&root_pem)?.remove(0)
-        };
-        let ca_type = raw::cert_key_type(&issuer_der)?;
-        let (csr, key_type) = (csr.clone(), args.key_type);
-        Some(tokio::task::spawn_blocking(move || measure_raw_limit(ca_type, &csr, key_type)).await??)
-    } else {
-        None
+    // Never benchmark errors: the first answer must be a valid certificate for our identity
+    // (or, for --rpc health, SERVING).
+    let raw = match &clients[0] {
+        Client::Ca(c) => {
+            let first = c
+                .clone()
+                .create_certificate(tpl.request())
+                .await
+                .map_err(|s| anyhow::anyhow!("first CreateCertificate failed: {:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            crate::client::verify_response(&first.cert_chain, &root_pem, expected.as_ref())
+                .context("first CreateCertificate answer")?;
+            if args.raw_limit {
+                // The issuing certificate: the first intermediate when the answer carries any,
+                // else the root.
+                let issuer_der = if first.cert_chain.len() > 2 {
+                    crate::pki::pem::parse_certs(first.cert_chain[1].as_bytes())?.remove(0)
+                } else {
+                    crate::pki::pem::parse_certs(&root_pem)?.remove(0)
+                };
+                let ca_type = raw::cert_key_type(&issuer_der)?;
+                let (csr, key_type) = (tpl.csr.clone(), args.key_type);
+                Some(tokio::task::spawn_blocking(move || measure_raw_limit(ca_type, &csr, key_type)).await??)
+            } else {
+                None
+            }
+        }
+        Client::Health(c) => {
+            let status = c
+                .clone()
+                .check(HealthCheckRequest {
+                    service: CA_SERVICE_NAME.into(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("first health check failed: {:?}: {}", s.code(), s.message()))?
+                .into_inner()
+                .status;
+            if status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                bail!("{CA_SERVICE_NAME} is not SERVING (status {status})");
+            }
+            None
+        }
     };
 
     if !args.warmup.is_zero() {
@@ -664,8 +756,15 @@ async fn run_ca(args: CaBenchArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let client_cpu = client_before.and_then(|b| process_cpu_seconds("self").ok().map(|a| a - b));
-    let machine_busy = match (machine_before, machine_ticks()) {
+    let machine_after = machine_ticks();
+    let machine_busy = match (machine_before, machine_after) {
         (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
+        _ => None,
+    };
+    // CPU the rest of the machine used meanwhile (other processes, the kernel's softirqs, …):
+    // a large value means the figures were taken on a busy machine.
+    let other_cpu = match (machine_before, machine_after, server_cpu, client_cpu) {
+        (Some((b0, _)), Some((b1, _)), Some(s), Some(c)) => Some(((b1 - b0) as f64 / ASSUMED_CLK_TCK - s - c).max(0.0)),
         _ => None,
     };
 
@@ -690,6 +789,8 @@ async fn run_ca(args: CaBenchArgs) -> anyhow::Result<()> {
         let codes: BTreeMap<String, u64> = stats.codes.iter().map(|(c, n)| (code_name(*c), *n)).collect();
         let out = serde_json::json!({
             "addr": args.addr,
+            "rpc": format!("{:?}", args.rpc),
+            "tls": !args.plaintext,
             "concurrency": args.concurrency,
             "connections": args.connections,
             "csr_key_type": args.key_type.to_string(),
@@ -712,6 +813,7 @@ async fn run_ca(args: CaBenchArgs) -> anyhow::Result<()> {
             "server_cpu_s": server_cpu,
             "client_cpu_s": client_cpu,
             "machine_busy_fraction": machine_busy,
+            "other_cpu_s": other_cpu,
             "clk_tck_assumed": ASSUMED_CLK_TCK,
             "ok_per_server_cpu_s": per_cpu,
             "raw_limit": raw,
@@ -721,9 +823,14 @@ async fn run_ca(args: CaBenchArgs) -> anyhow::Result<()> {
     } else {
         println!();
         println!("Summary:");
+        let what = match args.rpc {
+            Rpc::CreateCertificate => format!("CreateCertificate, CSR {}", args.key_type),
+            Rpc::Health => "Health/Check".to_string(),
+        };
+        let tls = if args.plaintext { "plaintext" } else { "TLS" };
         println!(
-            "  Target:       {} ({} callers over {} connection(s), CSR {})",
-            args.addr, args.concurrency, args.connections, args.key_type
+            "  Target:       {} {tls} ({what}; {} callers over {} connection(s))",
+            args.addr, args.concurrency, args.connections
         );
         println!("  Count:        {total}");
         println!("  Total:        {secs:.2} s");
@@ -764,6 +871,9 @@ async fn run_ca(args: CaBenchArgs) -> anyhow::Result<()> {
         }
         if let Some(b) = machine_busy {
             println!("  machine busy: {:.0} %", b * 100.0);
+        }
+        if let Some(o) = other_cpu {
+            println!("  other CPU:    {o:.2} s (everything but server and client)");
         }
         if let Some(r) = &raw {
             println!();

@@ -152,6 +152,15 @@ pub struct ServeArgs {
     /// How long a rejected token is remembered.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub token_review_negative_cache_ttl: Duration,
+    /// Quiet time after a change before pushing (istiod's PILOT_DEBOUNCE_AFTER).
+    #[arg(long, env = "PILOT_DEBOUNCE_AFTER", default_value = "100ms", value_parser = duration)]
+    pub debounce_after: Duration,
+    /// Longest a push waits for quiet (PILOT_DEBOUNCE_MAX).
+    #[arg(long, env = "PILOT_DEBOUNCE_MAX", default_value = "10s", value_parser = duration)]
+    pub debounce_max: Duration,
+    /// Concurrent xDS resource generations (PILOT_PUSH_THROTTLE); 0 = min(15 + 5 × CPUs, 100).
+    #[arg(long, env = "PILOT_PUSH_THROTTLE", default_value = "0")]
+    pub push_throttle: usize,
     /// Entries kept in the token review cache.
     #[arg(long, default_value = "100000")]
     pub token_review_cache_size: usize,

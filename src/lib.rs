@@ -21,8 +21,10 @@ pub mod grpc;
 pub mod logging;
 pub mod pki;
 pub mod proto;
+pub mod registry;
 pub mod remote_secret;
 pub mod rootcert;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
+pub mod xds;

@@ -218,6 +218,30 @@ async fn remote_secret_has_istioctls_shape_and_registers_the_remote_with_meshd()
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
+    // The shipped role is also enough for root-cert distribution once cluster2 names cluster1.
+    let rt = meshd::testing::fake_apiserver::ResourceType::core("namespaces");
+    remote
+        .modify(&rt, "", "istio-system", |ns| {
+            ns["metadata"]["annotations"] = serde_json::json!({"topology.istio.io/controlPlaneClusters": "cluster1"});
+        })
+        .unwrap();
+    let root = String::from_utf8(t.root_pem()).unwrap();
+    eventually(
+        "istio-ca-root-cert written in cluster2 with the reader role",
+        WAIT,
+        async || {
+            ["default", "kube-system", "istio-system"].iter().all(|ns| {
+                remote
+                    .get_typed::<k8s_openapi::api::core::v1::ConfigMap>(ns, "istio-ca-root-cert")
+                    .and_then(|c| c.data)
+                    .and_then(|d| d.get("root-cert.pem").cloned())
+                    .as_deref()
+                    == Some(root.as_str())
+            })
+        },
+    )
+    .await;
+
     // Running it again reuses the token Secret (same token), through the library entry point.
     let mut args = CreateRemoteSecretArgs::new(kc.clone(), "cluster2");
     args.server = Some("https://cluster2.example:6443".into());

@@ -446,3 +446,55 @@ async fn works_with_only_remote_clusters_and_does_nothing_standalone() {
     s.stop().await;
     remote.stop().await;
 }
+
+fn set_lease(cluster: &FakeApiServer, holder: &str, duration_secs: i32) {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    cluster
+        .apply(json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": LEASE, "namespace": "istio-system"},
+            "spec": {
+                "holderIdentity": holder,
+                "acquireTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+                "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(now),
+                "leaseDurationSeconds": duration_secs,
+            },
+        }))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_taken_over_and_a_lost_one_stops_the_writes() {
+    let mut primary = fake("127.0.0.2", "cluster1").await;
+    // A replica that crashed while holding the lease.
+    set_lease(&primary, "crashed-replica", 2);
+    let mut t = meshd_on(&primary, |_| {}).await;
+    let root = root_pem(&t);
+    eventually("the expired lease is taken over", WAIT, async || {
+        metric(&t, "meshd_root_cert_leader", "cluster1") == 1.0
+    })
+    .await;
+    let me = lease_holder(&primary).unwrap();
+    assert_ne!(me, "crashed-replica");
+    eventually("written after the takeover", WAIT, async || all_good(&primary, &root)).await;
+
+    // Another replica grabs the lease: meshd notices at its next renewal and stops writing.
+    set_lease(&primary, "thief", 2);
+    eventually("leadership lost", WAIT, async || {
+        metric(&t, "meshd_root_cert_leader", "cluster1") == 0.0
+    })
+    .await;
+    let writes_when_lost = writes(&t, "cluster1");
+    let api: Api<ConfigMap> = Api::namespaced(primary.client(primary.admin_token()).await.unwrap(), "default");
+    api.delete(CM, &DeleteParams::default()).await.unwrap();
+    // The thief never renews: once its lease expires meshd leads again and repairs.
+    eventually("led again and repaired", WAIT, async || {
+        cm(&primary, "default").is_some() && lease_holder(&primary).as_deref() == Some(me.as_str())
+    })
+    .await;
+    assert!(writes(&t, "cluster1") > writes_when_lost);
+
+    t.stop().await;
+    primary.stop().await;
+}

@@ -111,20 +111,6 @@ impl Elector {
     }
 }
 
-impl Drop for Elector {
-    /// A writer aborted while leading (its cluster was removed) still gives the lease back.
-    fn drop(&mut self) {
-        if let Some(m) = self.manager.take()
-            && self.leading
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), m.release()).await;
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,7 +228,9 @@ impl ClusterHandler for RootCertDistributor {
     }
 
     fn cluster_removed(&self, id: &str) {
-        // The registry aborts the cluster's tasks; a writer that led gives its lease back.
+        // The registry aborts the cluster's tasks. A lease this replica held is not released:
+        // a replacement client for the same cluster (rotated credentials) takes it back at once
+        // under the same identity, and otherwise it expires for the other replicas.
         self.shared.metrics.controlled.remove(&[id]);
         self.shared.metrics.leader.remove(&[id]);
     }

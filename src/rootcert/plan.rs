@@ -223,11 +223,13 @@ mod tests {
         assert!(!NsState::of(&n).terminating);
         n.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
         assert!(NsState::of(&n).terminating);
-        let mut n = Namespace::default();
-        n.status = Some(k8s_openapi::api::core::v1::NamespaceStatus {
-            phase: Some("Terminating".into()),
+        let n = Namespace {
+            status: Some(k8s_openapi::api::core::v1::NamespaceStatus {
+                phase: Some("Terminating".into()),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
+        };
         assert!(NsState::of(&n).terminating);
 
         let mut cm = ConfigMap::default();

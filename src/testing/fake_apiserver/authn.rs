@@ -7,9 +7,9 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-use super::core::Core;
 use super::rbac::UserInfo;
 use super::resources::ResourceType;
+use super::state::Core;
 use super::store::ObjKey;
 use super::tokens::{Verified, VerifyError, check_times, go_quote_list};
 
@@ -74,7 +74,7 @@ pub fn authenticate(core: &Core, token: &str, requested: &[String]) -> Result<Au
             let stored = secret
                 .pointer("/data/token")
                 .and_then(Value::as_str)
-                .and_then(|b| base64_decode(b));
+                .and_then(base64_decode);
             if stored.as_deref() != Some(token.as_bytes()) {
                 return Err(fail("token does not match server's copy".into()));
             }

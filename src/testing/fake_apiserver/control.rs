@@ -8,13 +8,13 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::core::{FakeState, MintOptions};
 use super::error::ApiError;
 use super::http::{Body, error, json, query, read_body, text};
 use super::kubeconfig;
 use super::rbac::{MASTERS, Rule, UserInfo, istio_reader_rules};
 use super::resources::for_kind;
 use super::router::Router;
+use super::state::{FakeState, MintOptions};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]

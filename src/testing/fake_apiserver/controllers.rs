@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
-use super::core::Core;
 use super::resources::ResourceType;
+use super::state::Core;
 use super::store::{Change, ObjKey, Write};
 
 pub const SA_TOKEN_TYPE: &str = "kubernetes.io/service-account-token";

@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use http::Response;
 use serde_json::{Value, json};
 
-use super::core::Core;
 use super::error::ApiError;
 use super::http::{Body, json};
 use super::resources::{ResourceInfo, ResourceType, builtin, extra_versions};
+use super::state::Core;
 
 const VERBS_STORED: &[&str] = &[
     "create",

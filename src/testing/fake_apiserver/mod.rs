@@ -24,7 +24,6 @@ mod admission;
 mod authn;
 mod control;
 mod controllers;
-mod core;
 mod discovery;
 mod error;
 mod faults;
@@ -40,6 +39,7 @@ mod reviews;
 mod router;
 mod selector;
 mod server;
+mod state;
 mod store;
 mod tokens;
 mod watch;
@@ -49,13 +49,13 @@ use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
-pub use self::core::{DEFAULT_ISSUER, FakeConfig, FakeState, MintOptions};
 pub use self::error::ApiError;
 pub use self::faults::TokenReviewRecord;
 pub use self::rbac::{Rule, UserInfo, istio_reader_rules};
 pub use self::resources::ResourceType;
 use self::router::Router;
 use self::server::Listener;
+pub use self::state::{DEFAULT_ISSUER, FakeConfig, FakeState, MintOptions};
 
 /// Why the fake could not do something.
 #[derive(Debug, thiserror::Error)]

@@ -9,13 +9,13 @@ use http::Response;
 use serde_json::{Value, json};
 
 use super::admission::default_object;
-use super::core::{Core, present};
 use super::error::{ApiError, success_status};
 use super::http::{Body, json, parse_object};
 use super::patch;
 use super::path::Target;
 use super::resources::ResourceType;
 use super::selector::{FieldSelector, LabelSelector};
+use super::state::{Core, present};
 use super::store::{ObjKey, Objects, Write};
 
 type Query = HashMap<String, String>;

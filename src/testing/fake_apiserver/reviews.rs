@@ -6,13 +6,13 @@ use http::Response;
 use serde_json::{Value, json};
 
 use super::authn::authenticate;
-use super::core::Core;
 use super::error::ApiError;
 use super::faults::TokenReviewRecord;
 use super::http::{Body, json};
 use super::path::Target;
 use super::rbac::{Attributes, UserInfo};
 use super::resources::ResourceType;
+use super::state::Core;
 use super::store::ObjKey;
 use super::tokens::MintRequest;
 
@@ -70,23 +70,34 @@ pub fn token_review(core: &Core, body: &Value) -> Result<Response<Body>, ApiErro
     Ok(json(201, &out))
 }
 
-fn attributes_of(spec: &Value) -> Result<Attributes, ApiError> {
-    let ra = spec
-        .get("resourceAttributes")
-        .ok_or_else(|| ApiError::bad_request("only resourceAttributes are supported by the fake"))?;
+/// The resource attributes asked about; `None` for a non-resource (URL) question.
+fn attributes_of(spec: &Value) -> Result<Option<Attributes>, ApiError> {
+    let Some(ra) = spec.get("resourceAttributes") else {
+        return match spec.get("nonResourceAttributes") {
+            Some(_) => Ok(None),
+            None => Err(ApiError::bad_request(
+                "spec: Invalid value: exactly one of nonResourceAttributes or resourceAttributes must be specified",
+            )),
+        };
+    };
     let s = |k: &str| ra.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-    Ok(Attributes {
+    Ok(Some(Attributes {
         verb: s("verb"),
         group: s("group"),
         resource: s("resource"),
         subresource: s("subresource"),
         namespace: s("namespace"),
         name: s("name"),
-    })
+    }))
 }
 
-fn access_status(core: &Core, user: &UserInfo, a: &Attributes) -> Value {
-    if core.rbac.allowed(user, a) {
+/// Grants carry no URL rules, so only `system:masters` may reach non-resource paths.
+fn access_status(core: &Core, user: &UserInfo, a: Option<&Attributes>) -> Value {
+    let allowed = match a {
+        Some(a) => core.rbac.allowed(user, a),
+        None => user.groups.iter().any(|g| g == super::rbac::MASTERS),
+    };
+    if allowed {
         json!({ "allowed": true, "reason": format!("allowed by fake RBAC for \"{}\"", user.username) })
     } else {
         json!({ "allowed": false })
@@ -103,7 +114,7 @@ pub fn subject_access_review(core: &Core, body: &Value) -> Result<Response<Body>
     };
     let a = attributes_of(&spec)?;
     let mut out = echo("SubjectAccessReview", "authorization.k8s.io/v1", body);
-    out["status"] = access_status(core, &user, &a);
+    out["status"] = access_status(core, &user, a.as_ref());
     Ok(json(201, &out))
 }
 
@@ -111,7 +122,7 @@ pub fn self_subject_access_review(core: &Core, caller: &UserInfo, body: &Value) 
     let spec = body.get("spec").cloned().unwrap_or_default();
     let a = attributes_of(&spec)?;
     let mut out = echo("SelfSubjectAccessReview", "authorization.k8s.io/v1", body);
-    out["status"] = access_status(core, caller, &a);
+    out["status"] = access_status(core, caller, a.as_ref());
     Ok(json(201, &out))
 }
 

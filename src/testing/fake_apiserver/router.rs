@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 
 use super::authn::authenticate;
 use super::control;
-use super::core::Core;
 use super::discovery;
 use super::error::ApiError;
 use super::http::{Body, error, json, parse_object, query, read_body, text};
@@ -19,6 +18,7 @@ use super::rbac::{Attributes, UserInfo};
 use super::rest;
 use super::reviews;
 use super::server::Listener;
+use super::state::Core;
 use super::watch;
 
 pub struct Router {

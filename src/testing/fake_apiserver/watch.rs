@@ -17,11 +17,11 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::core::{Core, present};
 use super::error::ApiError;
 use super::http::Body;
 use super::path::Target;
 use super::rest::Filter;
+use super::state::{Core, present};
 use super::store::{Change, ChangeKind, ObjKey, WatchFrom};
 
 /// kube-apiserver's `--min-request-timeout`, the default watch length.

@@ -1,0 +1,172 @@
+//! Push machinery: immutable push contexts with their generated-resource caches, version and
+//! nonce minting, and the debouncer that turns model changes into pushes.
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::generators::eds;
+use super::resource::{Resource, ResourceSet};
+use super::types;
+use crate::registry::{Change, MeshStore, Snapshot};
+
+/// A token minted when an xDS server starts; it prefixes every version and nonce, so a restarted
+/// meshd never produces a version or nonce a proxy already holds.
+pub fn new_epoch() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{ms:x}{:04x}", rand::random::<u16>())
+}
+
+/// A fresh nonce, unique within and across processes.
+pub fn next_nonce(epoch: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{epoch}-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Everything generators read for one push, immutable once built.
+pub struct PushContext {
+    /// `version_info` / `system_version_info` of responses built from this context.
+    pub version: String,
+    pub epoch: Arc<str>,
+    pub snapshot: Arc<Snapshot>,
+    /// What triggered this context (empty for the first one).
+    pub change: Change,
+    /// (type, class key) → resources, generated on first use.
+    cache: Mutex<HashMap<(&'static str, String), Arc<ResourceSet>>>,
+    /// Hostname → its EDS resources; carried over from the previous context for unchanged hosts.
+    eds_by_host: Mutex<BTreeMap<String, Arc<Vec<Arc<Resource>>>>>,
+    eds_all: OnceLock<Arc<ResourceSet>>,
+}
+
+impl std::fmt::Debug for PushContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushContext").field("version", &self.version).finish()
+    }
+}
+
+fn static_type(type_url: &str) -> &'static str {
+    types::PUSH_ORDER.iter().find(|t| **t == type_url).copied().unwrap_or("other")
+}
+
+impl PushContext {
+    pub fn initial(epoch: Arc<str>, snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            version: format!("{epoch}/{}", snapshot.version),
+            epoch,
+            snapshot,
+            change: Change::default(),
+            cache: Mutex::default(),
+            eds_by_host: Mutex::default(),
+            eds_all: OnceLock::new(),
+        }
+    }
+
+    /// The context after `change`: generated resources that the change cannot affect are kept.
+    pub fn next(prev: &PushContext, snapshot: Arc<Snapshot>, change: Change) -> Self {
+        let next = Self::initial(Arc::clone(&prev.epoch), snapshot);
+        if !change.full {
+            *next.cache.lock().unwrap_or_else(|e| e.into_inner()) =
+                prev.cache.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut eds = prev.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            eds.retain(|host, _| !change.endpoint_hosts.contains(host));
+            *next.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()) = eds;
+        }
+        Self { change, ..next }
+    }
+
+    /// Generated resources for a class of proxies, computed once per context.
+    pub fn cached(&self, type_url: &str, key: String, f: impl FnOnce() -> ResourceSet) -> Arc<ResourceSet> {
+        let k = (static_type(type_url), key);
+        if let Some(v) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&k) {
+            return Arc::clone(v);
+        }
+        // Generated outside the lock: two proxies racing may both build it; both results are equal.
+        let v = Arc::new(f());
+        Arc::clone(self.cache.lock().unwrap_or_else(|e| e.into_inner()).entry(k).or_insert(v))
+    }
+
+    fn host_eds(&self, host: &str) -> Arc<Vec<Arc<Resource>>> {
+        if let Some(v) = self.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()).get(host) {
+            return Arc::clone(v);
+        }
+        let v = Arc::new(eds::host_resources(self, host));
+        Arc::clone(
+            self.eds_by_host
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(host.to_string())
+                .or_insert(v),
+        )
+    }
+
+    /// Every ClusterLoadAssignment of this context, by cluster name.
+    pub fn endpoints(&self) -> Arc<ResourceSet> {
+        Arc::clone(self.eds_all.get_or_init(|| {
+            let mut all = ResourceSet::new();
+            for host in self.snapshot.services.keys() {
+                for r in self.host_eds(host).iter() {
+                    all.insert(r.name.clone(), Arc::clone(r));
+                }
+            }
+            Arc::new(all)
+        }))
+    }
+
+    /// EDS cluster names of the hosts whose endpoints changed.
+    pub fn changed_eds_names(&self) -> std::collections::BTreeSet<String> {
+        self.change
+            .endpoint_hosts
+            .iter()
+            .flat_map(|h| self.host_eds(h).iter().map(|r| r.name.clone()).collect::<Vec<_>>())
+            .collect()
+    }
+}
+
+/// Debounce settings (`PILOT_DEBOUNCE_AFTER`, `PILOT_DEBOUNCE_MAX`).
+#[derive(Debug, Clone, Copy)]
+pub struct Debounce {
+    pub after: Duration,
+    pub max: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Self {
+            after: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Something that receives pushes (the xDS server).
+pub trait PushTarget: Send + Sync + 'static {
+    fn push(&self, snapshot: Arc<Snapshot>, change: Change, first_event: Instant);
+}
+
+/// Merges model changes until `after` of quiet (or `max` since the first), then pushes once.
+pub fn spawn_debouncer(store: Arc<MeshStore>, target: Arc<dyn PushTarget>, d: Debounce) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            store.changed().await;
+            let first = Instant::now();
+            let mut last = first;
+            loop {
+                let deadline = (last + d.after).min(first + d.max);
+                tokio::select! {
+                    _ = store.changed() => last = Instant::now(),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let change = store.take_changes();
+            if change.is_empty() {
+                continue;
+            }
+            target.push(store.snapshot(), change, first);
+        }
+    })
+}

@@ -1,0 +1,715 @@
+//! The ADS service (`envoy.service.discovery.v3.AggregatedDiscoveryService`), SotW and Delta,
+//! with istiod's protocol rules (reference §5.3) and per-connection push slots: a push only marks
+//! a connection's slot and wakes it, so a slow or stuck client never delays another, and its
+//! pending pushes coalesce into one.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use super::generators;
+use super::node::{self, ProxyInfo};
+use super::push::{PushContext, PushTarget, next_nonce};
+use super::resource::{Resource, ResourceSet};
+use super::types;
+use super::wire::{self, RawCodec};
+use crate::admin::Registry;
+use crate::admin::metrics::{CounterVec, Gauge, Histogram};
+use crate::auth::{AuthChain, Credentials, FailureKind, Identity};
+use crate::registry::{Change, Snapshot};
+
+pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// Responses buffered per connection before the connection task waits for the client.
+const SEND_QUEUE: usize = 4;
+
+#[derive(Clone)]
+struct Metrics {
+    connected: Arc<Gauge>,
+    pushes: CounterVec,
+    rejects: CounterVec,
+    expired_nonce: CounterVec,
+    convergence: Arc<Histogram>,
+    errors: CounterVec,
+}
+
+impl Metrics {
+    fn register(r: &Registry) -> Self {
+        Self {
+            connected: r.gauge_vec("pilot_xds", "Number of endpoints connected to this pilot using XDS.", &["version"]).with(&["meshd"]),
+            pushes: r.counter_vec("pilot_xds_pushes", "Pilot build and send errors for lds, rds, cds and eds.", &["type"]),
+            rejects: r.counter_vec("pilot_total_xds_rejects", "Total number of XDS responses from pilot rejected by proxy.", &["type"]),
+            expired_nonce: r.counter_vec("pilot_xds_expired_nonce", "Total number of XDS requests with an expired nonce.", &["type"]),
+            convergence: r.histogram(
+                "pilot_proxy_convergence_time",
+                "Delay in seconds between config change and a proxy receiving all required configuration.",
+                &[0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0],
+            ),
+            errors: r.counter_vec("meshd_xds_stream_errors", "xDS streams refused or ended with an error, by gRPC code.", &["code"]),
+        }
+    }
+}
+
+/// What a push asks a connection to send.
+#[derive(Debug, Clone)]
+struct PendingPush {
+    full: bool,
+    hosts: BTreeSet<String>,
+    started: Instant,
+}
+
+/// One connection's push slot and its debug state.
+struct ConnSlot {
+    pending: Mutex<Option<PendingPush>>,
+    notify: Notify,
+    status: Mutex<ConnStatus>,
+}
+
+/// Per-connection state shown by `/debug/syncz` and `/debug/connections`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConnStatus {
+    pub conn_id: u64,
+    pub node_id: String,
+    pub identity: Option<String>,
+    pub cluster_id: String,
+    pub delta: bool,
+    pub peer: Option<String>,
+    /// type short name → status
+    pub types: BTreeMap<&'static str, TypeStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypeStatus {
+    pub nonce_sent: Option<String>,
+    pub nonce_acked: Option<String>,
+    pub version_sent: Option<String>,
+    pub resources_sent: usize,
+    pub last_nack: Option<String>,
+    pub nacks: u64,
+}
+
+struct Shared {
+    auth: Arc<AuthChain>,
+    current: ArcSwap<PushContext>,
+    conns: Mutex<HashMap<u64, Arc<ConnSlot>>>,
+    next_conn: AtomicU64,
+    metrics: Metrics,
+    /// Bounds concurrent resource generation (`PILOT_PUSH_THROTTLE`).
+    gen_permits: Arc<Semaphore>,
+}
+
+/// The xDS server; cloning shares it. Serve it on a listener with [`XdsServer::service`].
+#[derive(Clone)]
+pub struct XdsServer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for XdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsServer").finish()
+    }
+}
+
+impl XdsServer {
+    pub fn new(snapshot: Arc<Snapshot>, auth: Arc<AuthChain>, registry: &Registry, push_throttle: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                auth,
+                current: ArcSwap::from_pointee(PushContext::initial(Arc::from(super::push::new_epoch()), snapshot)),
+                conns: Mutex::default(),
+                next_conn: AtomicU64::new(1),
+                metrics: Metrics::register(registry),
+                gen_permits: Arc::new(Semaphore::new(push_throttle.max(1))),
+            }),
+        }
+    }
+
+    /// The gRPC service for one listener. `secure` listeners authenticate every stream; the
+    /// plaintext one serves unauthenticated proxies and never secrets.
+    pub fn service(&self, secure: bool) -> AdsService {
+        AdsService {
+            shared: Arc::clone(&self.shared),
+            secure,
+        }
+    }
+
+    pub fn current(&self) -> Arc<PushContext> {
+        self.shared.current.load_full()
+    }
+
+    /// Debug state of every connection.
+    pub fn connections(&self) -> Vec<ConnStatus> {
+        let conns: Vec<Arc<ConnSlot>> = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut out: Vec<ConnStatus> = conns
+            .iter()
+            .map(|c| c.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        out.sort_by_key(|c| c.conn_id);
+        out
+    }
+}
+
+impl PushTarget for XdsServer {
+    fn push(&self, snapshot: Arc<Snapshot>, change: Change, first_event: Instant) {
+        let prev = self.shared.current.load_full();
+        let ctx = Arc::new(PushContext::next(&prev, snapshot, change.clone()));
+        tracing::debug!(version = %ctx.version, full = change.full, hosts = change.endpoint_hosts.len(), "push");
+        self.shared.current.store(ctx);
+        let conns: Vec<Arc<ConnSlot>> = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for c in conns {
+            let mut p = c.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match p.as_mut() {
+                Some(p) => {
+                    p.full |= change.full;
+                    p.hosts.extend(change.endpoint_hosts.iter().cloned());
+                }
+                None => {
+                    *p = Some(PendingPush {
+                        full: change.full,
+                        hosts: change.endpoint_hosts.clone(),
+                        started: first_event,
+                    })
+                }
+            }
+            drop(p);
+            c.notify.notify_one();
+        }
+    }
+}
+
+/// The tower service tonic routes ADS calls to.
+#[derive(Clone)]
+pub struct AdsService {
+    shared: Arc<Shared>,
+    secure: bool,
+}
+
+impl tonic::server::NamedService for AdsService {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+type ResponseStream = ReceiverStream<Result<Bytes, Status>>;
+
+struct SotwHandler(AdsService);
+struct DeltaHandler(AdsService);
+
+impl tonic::server::StreamingService<DiscoveryRequest> for SotwHandler {
+    type Response = Bytes;
+    type ResponseStream = ResponseStream;
+    type Future = BoxFut<Result<tonic::Response<ResponseStream>, Status>>;
+
+    fn call(&mut self, req: tonic::Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move { svc.open(req, false).await })
+    }
+}
+
+impl tonic::server::StreamingService<DeltaDiscoveryRequest> for DeltaHandler {
+    type Response = Bytes;
+    type ResponseStream = ResponseStream;
+    type Future = BoxFut<Result<tonic::Response<ResponseStream>, Status>>;
+
+    fn call(&mut self, req: tonic::Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move { svc.open(req, true).await })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for AdsService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFut<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        match req.uri().path() {
+            SOTW_PATH => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(RawCodec::<DiscoveryRequest>::default())
+                    .apply_max_message_size_config(Some(crate::app::MAX_RECV_MESSAGE_BYTES), None);
+                Ok(grpc.streaming(SotwHandler(svc), req).await)
+            }),
+            DELTA_PATH => Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(RawCodec::<DeltaDiscoveryRequest>::default())
+                    .apply_max_message_size_config(Some(crate::app::MAX_RECV_MESSAGE_BYTES), None);
+                Ok(grpc.streaming(DeltaHandler(svc), req).await)
+            }),
+            _ => Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) }),
+        }
+    }
+}
+
+/// Maps tonic's over-size decode error to RESOURCE_EXHAUSTED, as grpc-go does.
+fn stream_status(s: Status) -> Status {
+    if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
+        Status::resource_exhausted(s.message().to_string())
+    } else {
+        s
+    }
+}
+
+impl AdsService {
+    async fn open<Req: Send + 'static>(
+        &self,
+        req: tonic::Request<Streaming<Req>>,
+        delta: bool,
+    ) -> Result<tonic::Response<ResponseStream>, Status>
+    where
+        Conn: Handles<Req>,
+    {
+        let peer = req.remote_addr();
+        let identity = if self.secure {
+            let creds = Credentials::from_metadata(req.metadata(), req.peer_certs(), peer);
+            match self.shared.auth.authenticate(&creds).await {
+                Ok(id) => Some(id),
+                Err(f) => {
+                    let code = match f.kind() {
+                        FailureKind::Unauthenticated => tonic::Code::Unauthenticated,
+                        FailureKind::Unavailable => tonic::Code::Unavailable,
+                        FailureKind::ResourceExhausted => tonic::Code::ResourceExhausted,
+                    };
+                    self.shared.metrics.errors.with(&[&format!("{code:?}")]).inc();
+                    tracing::warn!(peer = ?peer, cluster_id = %creds.cluster_id, error = %f, "xDS stream refused");
+                    return Err(Status::new(code, format!("authentication failure: {f}")));
+                }
+            }
+        } else {
+            None
+        };
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let conn_id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let slot = Arc::new(ConnSlot {
+            pending: Mutex::new(None),
+            notify: Notify::new(),
+            status: Mutex::new(ConnStatus {
+                conn_id,
+                delta,
+                peer: peer.map(|p| p.to_string()),
+                identity: identity.as_ref().map(|i| i.spiffe_uri()),
+                ..Default::default()
+            }),
+        });
+        let conn = Conn {
+            id: conn_id,
+            shared: Arc::clone(&self.shared),
+            slot,
+            identity,
+            secure: self.secure,
+            proxy: None,
+            tx,
+            sotw: HashMap::new(),
+            delta: HashMap::new(),
+            peer,
+        };
+        let inbound = req.into_inner();
+        tokio::spawn(conn.run(inbound));
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Per-type SotW watch state.
+#[derive(Debug, Default)]
+struct SotwWatch {
+    names: BTreeSet<String>,
+    nonce_sent: Option<String>,
+}
+
+/// Per-type Delta state.
+#[derive(Debug, Default)]
+struct DeltaWatch {
+    wildcard: bool,
+    subscribed: BTreeSet<String>,
+    /// What the client has: name → version.
+    sent: BTreeMap<String, String>,
+    nonce_sent: Option<String>,
+}
+
+/// One ADS stream.
+pub struct Conn {
+    id: u64,
+    shared: Arc<Shared>,
+    slot: Arc<ConnSlot>,
+    identity: Option<Identity>,
+    secure: bool,
+    proxy: Option<ProxyInfo>,
+    tx: mpsc::Sender<Result<Bytes, Status>>,
+    sotw: HashMap<&'static str, SotwWatch>,
+    delta: HashMap<&'static str, DeltaWatch>,
+    peer: Option<SocketAddr>,
+}
+
+/// Request handling per protocol flavour.
+pub trait Handles<Req> {
+    fn handle(&mut self, req: Req) -> impl std::future::Future<Output = Result<(), Status>> + Send;
+    fn push(&mut self, p: PendingPushPublic) -> impl std::future::Future<Output = Result<(), Status>> + Send;
+}
+
+/// A coalesced push as a connection sees it.
+#[derive(Debug, Clone)]
+pub struct PendingPushPublic {
+    full: bool,
+    hosts: BTreeSet<String>,
+    started: Instant,
+}
+
+fn type_static(type_url: &str) -> Option<&'static str> {
+    types::PUSH_ORDER.iter().find(|t| **t == type_url).copied()
+}
+
+impl Conn {
+    async fn run<Req>(mut self, mut inbound: Streaming<Req>)
+    where
+        Self: Handles<Req>,
+        Req: Send + 'static,
+    {
+        let result: Result<(), Status> = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    msg = inbound.message() => match msg {
+                        Ok(Some(req)) => self.handle(req).await?,
+                        Ok(None) => return Ok(()),
+                        Err(s) => return Err(stream_status(s)),
+                    },
+                    _ = self.slot.notify.notified(), if self.proxy.is_some() => {
+                        let p = self.slot.pending.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some(p) = p {
+                            self.push(PendingPushPublic { full: p.full, hosts: p.hosts, started: p.started }).await?;
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(s) = result {
+            if s.code() != tonic::Code::Cancelled {
+                self.shared.metrics.errors.with(&[&format!("{:?}", s.code())]).inc();
+                tracing::info!(conn = self.id, node = ?self.proxy.as_ref().map(|p| &p.node_id), code = ?s.code(), message = %s.message(), "xDS stream ended with an error");
+            }
+            let _ = self.tx.send(Err(s)).await;
+        }
+        if self.proxy.is_some() {
+            self.shared.metrics.connected.dec();
+        }
+        self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+
+    /// First request: node, identity check, registration for pushes.
+    fn init(&mut self, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> Result<(), Status> {
+        if self.proxy.is_some() {
+            return Ok(());
+        }
+        let proxy = node::parse(node).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(id) = &self.identity {
+            node::authorize(id, &proxy).map_err(|e| {
+                tracing::warn!(conn = self.id, node = %proxy.node_id, error = %e, "xDS stream refused");
+                Status::permission_denied(e.to_string())
+            })?;
+        }
+        {
+            let mut st = self.slot.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.node_id = proxy.node_id.clone();
+            st.cluster_id = proxy.cluster_id.clone();
+        }
+        tracing::info!(conn = self.id, node = %proxy.node_id, cluster = %proxy.cluster_id, identity = ?self.identity.as_ref().map(|i| i.spiffe_uri()), peer = ?self.peer, "xDS stream connected");
+        self.proxy = Some(proxy);
+        self.shared.metrics.connected.inc();
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.id, Arc::clone(&self.slot));
+        Ok(())
+    }
+
+    fn status(&self, type_url: &'static str, f: impl FnOnce(&mut TypeStatus)) {
+        let mut st = self.slot.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(st.types.entry(types::short(type_url)).or_default());
+    }
+
+    fn record_nack(&self, type_url: &'static str, message: &str) {
+        self.shared.metrics.rejects.with(&[types::short(type_url)]).inc();
+        tracing::warn!(conn = self.id, node = ?self.proxy.as_ref().map(|p| &p.node_id), r#type = types::short(type_url), error = %message, "ACK ERROR: proxy rejected the config");
+        self.status(type_url, |s| {
+            s.nacks += 1;
+            s.last_nack = Some(message.to_string());
+        });
+    }
+
+    /// Generates the resources of a type for this proxy (bounded by the generation permits).
+    async fn resources(&self, type_url: &'static str) -> (Arc<PushContext>, Arc<ResourceSet>) {
+        let push = self.shared.current.load_full();
+        let _permit = self.shared.gen_permits.acquire().await;
+        let proxy = self.proxy.as_ref().unwrap_or_else(|| unreachable!("pushes start after init"));
+        if type_url == types::SECRET && (!self.secure || self.identity.is_none()) {
+            // Never a secret to an unauthenticated proxy.
+            return (push, Arc::new(ResourceSet::new()));
+        }
+        let set = generators::generate(&push, proxy, type_url);
+        (push, set)
+    }
+
+    async fn send(&self, bytes: Bytes) -> Result<(), Status> {
+        self.tx.send(Ok(bytes)).await.map_err(|_| Status::cancelled("client went away"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SotW
+// ---------------------------------------------------------------------------------------------
+
+impl Conn {
+    async fn sotw_respond(&mut self, type_url: &'static str, only: Option<&BTreeSet<String>>) -> Result<(), Status> {
+        let (push, set) = self.resources(type_url).await;
+        let watch = self.sotw.entry(type_url).or_default();
+        let resources: Vec<&Resource> = if types::is_wildcard_type(type_url) {
+            set.values().map(|r| r.as_ref()).collect()
+        } else {
+            watch
+                .names
+                .iter()
+                .filter(|n| only.is_none_or(|o| o.contains(*n)))
+                .filter_map(|n| set.get(n).map(|r| r.as_ref()))
+                .collect()
+        };
+        let nonce = next_nonce(&push.epoch);
+        let bytes = wire::sotw_response(&push.version, type_url, &nonce, &resources);
+        let count = resources.len();
+        watch.nonce_sent = Some(nonce.clone());
+        self.send(bytes).await?;
+        self.shared.metrics.pushes.with(&[types::short(type_url)]).inc();
+        let version = push.version.clone();
+        self.status(type_url, |s| {
+            s.nonce_sent = Some(nonce);
+            s.version_sent = Some(version);
+            s.resources_sent = count;
+        });
+        Ok(())
+    }
+}
+
+impl Handles<DiscoveryRequest> for Conn {
+    async fn handle(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if req.type_url == types::HEALTH_INFO {
+            return Ok(());
+        }
+        self.init(req.node.as_ref())?;
+        if req.type_url.is_empty() {
+            return Err(Status::invalid_argument("type_url is required on an ADS stream"));
+        }
+        let Some(type_url) = type_static(&req.type_url) else {
+            tracing::debug!(conn = self.id, r#type = %req.type_url, "no generator for this type; not answering");
+            return Ok(());
+        };
+        if let Some(err) = &req.error_detail {
+            self.record_nack(type_url, &err.message);
+            return Ok(());
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let wildcard = types::is_wildcard_type(type_url);
+        let known = self.sotw.get(type_url).map(|w| w.nonce_sent.clone());
+        match known {
+            // First request for the type, or a reconnect: answer in full.
+            None | Some(None) => {
+                self.sotw.entry(type_url).or_default().names = names;
+                self.sotw_respond(type_url, None).await
+            }
+            Some(Some(sent)) if req.response_nonce.is_empty() => {
+                let _ = sent;
+                self.sotw.entry(type_url).or_default().names = names;
+                self.sotw_respond(type_url, None).await
+            }
+            Some(Some(sent)) if req.response_nonce != sent => {
+                self.shared.metrics.expired_nonce.with(&[types::short(type_url)]).inc();
+                Ok(())
+            }
+            Some(Some(_)) => {
+                let nonce = req.response_nonce.clone();
+                self.status(type_url, |s| s.nonce_acked = Some(nonce));
+                let watch = self.sotw.entry(type_url).or_default();
+                if watch.names == names {
+                    return Ok(()); // plain ACK
+                }
+                let added: BTreeSet<String> = names.difference(&watch.names).cloned().collect();
+                watch.names = names;
+                if wildcard {
+                    return self.sotw_respond(type_url, None).await;
+                }
+                if added.is_empty() {
+                    return Ok(()); // only removals (or an unsubscribe): nothing to send
+                }
+                let grpc = self.proxy.as_ref().is_some_and(|p| p.is_grpc());
+                self.sotw_respond(type_url, if grpc { None } else { Some(&added) }).await
+            }
+        }
+    }
+
+    async fn push(&mut self, p: PendingPushPublic) -> Result<(), Status> {
+        let watched: Vec<&'static str> = types::PUSH_ORDER
+            .iter()
+            .copied()
+            .filter(|t| self.sotw.get(t).is_some_and(|w| w.nonce_sent.is_some()))
+            .collect();
+        let push = self.shared.current.load_full();
+        for t in watched {
+            if p.full {
+                self.sotw_respond(t, None).await?;
+            } else if t == types::ENDPOINT && !p.hosts.is_empty() {
+                let changed = push.changed_eds_names();
+                let mine: BTreeSet<String> = self.sotw.get(t).map(|w| w.names.intersection(&changed).cloned().collect()).unwrap_or_default();
+                if !mine.is_empty() {
+                    // Partial EDS: Envoy keeps assignments a response does not mention.
+                    self.sotw_respond(t, Some(&mine)).await?;
+                }
+            }
+        }
+        self.shared.metrics.convergence.observe(p.started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta
+// ---------------------------------------------------------------------------------------------
+
+impl Conn {
+    /// Sends what the client lacks of `type_url` (changed or new resources, removals). `force`
+    /// answers even when there is nothing to say (initial requests must be answered).
+    async fn delta_respond(&mut self, type_url: &'static str, force: bool) -> Result<(), Status> {
+        let (push, set) = self.resources(type_url).await;
+        let watch = self.delta.entry(type_url).or_default();
+        let wanted: Vec<&Arc<Resource>> = if watch.wildcard {
+            set.values().collect()
+        } else {
+            watch.subscribed.iter().filter_map(|n| set.get(n)).collect()
+        };
+        let changed: Vec<&Resource> = wanted
+            .iter()
+            .filter(|r| watch.sent.get(&r.name) != Some(&r.version))
+            .map(|r| r.as_ref())
+            .collect();
+        let removed: Vec<String> = watch
+            .sent
+            .keys()
+            .filter(|n| !set.contains_key(*n) || (!watch.wildcard && !watch.subscribed.contains(*n)))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && !force {
+            return Ok(());
+        }
+        for r in &changed {
+            watch.sent.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            watch.sent.remove(n);
+        }
+        let nonce = next_nonce(&push.epoch);
+        watch.nonce_sent = Some(nonce.clone());
+        let bytes = wire::delta_response(&push.version, type_url, &nonce, &changed, &removed);
+        let count = watch.sent.len();
+        self.send(bytes).await?;
+        self.shared.metrics.pushes.with(&[types::short(type_url)]).inc();
+        let version = push.version.clone();
+        self.status(type_url, |s| {
+            s.nonce_sent = Some(nonce);
+            s.version_sent = Some(version);
+            s.resources_sent = count;
+        });
+        Ok(())
+    }
+}
+
+impl Handles<DeltaDiscoveryRequest> for Conn {
+    async fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        if req.type_url == types::HEALTH_INFO {
+            return Ok(());
+        }
+        self.init(req.node.as_ref())?;
+        if req.type_url.is_empty() {
+            return Err(Status::invalid_argument("type_url is required on an ADS stream"));
+        }
+        let Some(type_url) = type_static(&req.type_url) else {
+            tracing::debug!(conn = self.id, r#type = %req.type_url, "no generator for this type; not answering");
+            return Ok(());
+        };
+        if let Some(err) = &req.error_detail {
+            self.record_nack(type_url, &err.message);
+            return Ok(());
+        }
+        let first = !self.delta.contains_key(type_url);
+        if !first {
+            let sent = self.delta.get(type_url).and_then(|w| w.nonce_sent.clone());
+            if !req.response_nonce.is_empty() && Some(&req.response_nonce) != sent.as_ref() {
+                self.shared.metrics.expired_nonce.with(&[types::short(type_url)]).inc();
+                return Ok(());
+            }
+            if !req.response_nonce.is_empty() {
+                let nonce = req.response_nonce.clone();
+                self.status(type_url, |s| s.nonce_acked = Some(nonce));
+            }
+        }
+        let watch = self.delta.entry(type_url).or_default();
+        if first {
+            watch.wildcard = types::is_wildcard_type(type_url)
+                && (req.resource_names_subscribe.is_empty() || req.resource_names_subscribe.iter().any(|n| n == "*"));
+            // What the client already holds from before a reconnect.
+            watch.sent = req.initial_resource_versions.clone().into_iter().collect();
+        }
+        let mut new_names = false;
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                watch.wildcard = true;
+                new_names = true;
+            } else if watch.subscribed.insert(n.clone()) {
+                new_names = true;
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                watch.wildcard = false;
+            }
+            watch.subscribed.remove(n);
+            // The client dropped it: it no longer holds it.
+            watch.sent.remove(n);
+        }
+        if first || new_names {
+            return self.delta_respond(type_url, first).await;
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, p: PendingPushPublic) -> Result<(), Status> {
+        let watched: Vec<&'static str> = types::PUSH_ORDER
+            .iter()
+            .copied()
+            .filter(|t| self.delta.contains_key(t))
+            .collect();
+        for t in watched {
+            if p.full || (t == types::ENDPOINT && !p.hosts.is_empty()) {
+                // Unchanged resources keep their content versions and are not resent.
+                self.delta_respond(t, false).await?;
+            }
+        }
+        self.shared.metrics.convergence.observe(p.started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}
