@@ -335,6 +335,27 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             max: args.debounce_max,
         },
     ));
+    // --- service registry sources (src/registry): --config-dir files, else Kubernetes
+    // discovery in every registered cluster plus Istio config from the primary. ---
+    {
+        let settings = crate::registry::kube_source::RegistrySettings {
+            default_network: args.network.clone(),
+            trust_domain: args.trust_domain.clone(),
+            system_namespace: args.system_namespace.clone(),
+        };
+        if let Some(dir) = &args.config_dir {
+            if local_client.is_some() || args.remote_kubeconfig_dir.is_some() {
+                tracing::info!(dir = %dir.display(), "--config-dir is the service registry; Kubernetes clusters are used for authentication only");
+            }
+            let source =
+                crate::registry::file_source::FileSource::new(dir.clone(), &args.cluster_id, settings, Arc::clone(&mesh));
+            background.push(source.spawn(args.config_dir_poll));
+        } else {
+            let kube = crate::registry::kube_source::KubeRegistry::new(Arc::clone(&mesh), settings);
+            clusters.add_handler(kube as Arc<dyn crate::cluster::ClusterHandler>);
+        }
+    }
+    // --- end service registry sources ---
 
     // Serving certificate and client-certificate verification, both following the CA.
     let serving_cfg = serving::ServingCertConfig {
@@ -451,6 +472,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             Arc::clone(&readiness),
             Arc::new(http::DebugSources {
                 clusters: Some(Arc::clone(&clusters)),
+                mesh: Some(Arc::clone(&mesh)),
             }),
         ),
         shutdown_rx.clone(),

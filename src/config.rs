@@ -188,6 +188,19 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHD_LEADER_ELECTION_LEASE_DURATION", default_value = "30s", value_parser = duration)]
     pub leader_election_lease_duration: Duration,
     // --- end root-cert distribution ---
+    // --- service registry (src/registry) ---
+    /// Read services, endpoints and Istio config from this directory (`*.yaml`, `*.yml`,
+    /// `*.json` Kubernetes objects) instead of Kubernetes; see examples/config-dir/.
+    #[arg(long, env = "MESHD_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// How often --config-dir is checked for changes.
+    #[arg(long, env = "MESHD_CONFIG_DIR_POLL", default_value = "1s", value_parser = duration)]
+    pub config_dir_poll: Duration,
+    /// Network of endpoints without a topology.istio.io/network label on their pod, namespace or
+    /// the cluster's system namespace.
+    #[arg(long, env = "MESHD_NETWORK", default_value = "")]
+    pub network: String,
+    // --- end service registry ---
     #[command(flatten)]
     pub log: LogArgs,
 }

@@ -37,6 +37,8 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 #[derive(Default)]
 pub struct DebugSources {
     pub clusters: Option<Arc<ClusterRegistry>>,
+    /// The service model, for `/debug/registryz`.
+    pub mesh: Option<Arc<crate::registry::MeshStore>>,
 }
 
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
@@ -68,6 +70,10 @@ pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>, de
                 "/debug/clusterz" => match &debug.clusters {
                     Some(c) => json(StatusCode::OK, &c.snapshot()),
                     None => json(StatusCode::OK, &Vec::<()>::new()),
+                },
+                "/debug/registryz" => match &debug.mesh {
+                    Some(m) => json(StatusCode::OK, &crate::registry::debug::registryz(&m.snapshot())),
+                    None => json(StatusCode::OK, &serde_json::json!({"services": []})),
                 },
                 "/metrics" => Response::builder()
                     .header("content-type", "text/plain; version=0.0.4; charset=utf-8")

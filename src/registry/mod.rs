@@ -10,6 +10,9 @@ pub mod model;
 pub mod store;
 // --- sources of the service model (Kubernetes per cluster, --config-dir files) ---
 pub mod convert;
+pub mod debug;
+pub mod file_source;
+pub mod kube_source;
 // --- end sources ---
 
 pub use model::{Endpoint, Locality, Protocol, Service, ServiceKey, ServicePort};
