@@ -384,3 +384,82 @@ async fn the_root_lives_in_istio_ca_secret_and_is_shared_by_replicas() {
     .await;
     assert_eq!(second.root_pem(), m.meshd.root_pem());
 }
+
+async fn http_status(url: &str) -> u16 {
+    let url: http::Uri = url.parse().unwrap();
+    let Ok(tcp) = tokio::net::TcpStream::connect(format!("{}:{}", url.host().unwrap(), url.port_u16().unwrap())).await
+    else {
+        return 0;
+    };
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(url.path())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    send.send_request(req).await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_unresponsive_remote_cluster_delays_readiness_only_until_the_timeout() {
+    let primary = fake("127.0.0.2", "cluster1").await;
+    let remote = fake("127.0.0.3", "cluster2").await;
+    primary.ensure_namespace("istio-system").unwrap();
+    let reader = remote.reader_token("istio-reader-service-account").unwrap();
+    primary
+        .apply(remote_secret(
+            "istio-remote-secret-cluster2",
+            &[("cluster2", remote.kubeconfig(&reader))],
+        ))
+        .unwrap();
+    // cluster2's API server accepts connections but answers nothing for a minute.
+    remote.set_latency(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("primary.kubeconfig");
+    std::fs::write(&kubeconfig, primary.kubeconfig(primary.admin_token())).unwrap();
+    let started = Instant::now();
+    let t = TestMeshd::start_with(|a| {
+        a.standalone = false;
+        a.kubeconfig = Some(kubeconfig.clone());
+        a.cluster_id = "cluster1".into();
+        a.remote_cluster_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let ready = format!("http://{}/ready", t.m().addrs.ready);
+    let first = http_status(&ready).await;
+    let mut became_ready = None;
+    eventually(
+        "ready after the remote cluster timeout",
+        Duration::from_secs(20),
+        async || {
+            if http_status(&ready).await == 200 {
+                became_ready = Some(started.elapsed());
+                true
+            } else {
+                false
+            }
+        },
+    )
+    .await;
+    let waited = became_ready.unwrap();
+    // Not ready while cluster2 was still within its grace period...
+    assert_eq!(first, 503, "not ready while cluster2 is pending");
+    assert!(waited >= Duration::from_secs(4), "ready after {waited:?}");
+    // ...and never blocked much past it.
+    assert!(waited < Duration::from_secs(15), "ready after {waited:?}");
+    // The local cluster kept working all along.
+    let token = primary
+        .mint_token("default", "web", &["istio-ca"], Duration::from_secs(600), None)
+        .unwrap();
+    create(
+        t.channel().await,
+        Some(&token),
+        Some("cluster1"),
+        csr(KeyType::EcdsaP256, None),
+        0,
+    )
+    .await
+    .unwrap();
+    remote.clear_faults();
+}

@@ -34,7 +34,14 @@ fn node(id: &str, md: &[(&str, &str)]) -> Node {
         metadata: Some(Struct {
             fields: md
                 .iter()
-                .map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) }))
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(v.to_string())),
+                        },
+                    )
+                })
                 .collect(),
         }),
         ..Default::default()
@@ -69,15 +76,25 @@ fn seed(t: &TestMeshd, ips: &[&str]) {
         "cluster1",
         key.clone(),
         ShardService {
-            ports: vec![ServicePort { name: "http".into(), port: 80, protocol: Protocol::Http }],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Http,
+            }],
             ..Default::default()
         },
     );
-    t.m().mesh.set_endpoints("cluster1", key, ips.iter().map(|ip| ep(ip, "cluster1")).collect());
+    t.m()
+        .mesh
+        .set_endpoints("cluster1", key, ips.iter().map(|ip| ep(ip, "cluster1")).collect());
 }
 
 fn set_endpoints(t: &TestMeshd, ips: &[&str]) {
-    t.m().mesh.set_endpoints("cluster1", ServiceKey::new("default", "echo"), ips.iter().map(|ip| ep(ip, "cluster1")).collect());
+    t.m().mesh.set_endpoints(
+        "cluster1",
+        ServiceKey::new("default", "echo"),
+        ips.iter().map(|ip| ep(ip, "cluster1")).collect(),
+    );
 }
 
 async fn start() -> TestMeshd {
@@ -102,9 +119,13 @@ impl Sotw {
         let (tx, rx) = mpsc::channel(16);
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(t) = token {
-            req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
         }
-        let rx = AggregatedDiscoveryServiceClient::new(ch).stream_aggregated_resources(req).await?.into_inner();
+        let rx = AggregatedDiscoveryServiceClient::new(ch)
+            .stream_aggregated_resources(req)
+            .await?
+            .into_inner();
         Ok(Self { tx, rx })
     }
 
@@ -146,7 +167,10 @@ async fn sotw_ack_nack_stale_nonce_and_incremental_eds() {
     seed(&t, &["10.0.0.1", "10.0.0.2"]);
     let mut s = Sotw::open(plaintext(&t).await, None).await.unwrap();
     // Wait for the first push to land so the initial answer has the service.
-    eventually("model pushed", Duration::from_secs(5), async || t.m().xds.current().snapshot.services.contains_key(ECHO)).await;
+    eventually("model pushed", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
 
     s.send(req(CDS, &[], "", Some(gateway_node()))).await;
     let cds = s.recv().await.unwrap();
@@ -165,10 +189,15 @@ async fn sotw_ack_nack_stale_nonce_and_incremental_eds() {
     s.send(req(CDS, &[], &cds.nonce, None)).await;
     s.send(req(EDS, &[ECHO_80], &eds.nonce, None)).await;
     let mut nack = req(CDS, &[], &cds.nonce, None);
-    nack.error_detail = Some(RpcStatus { code: 3, message: "cluster rejected: bad config".into(), details: vec![] });
+    nack.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "cluster rejected: bad config".into(),
+        details: vec![],
+    });
     s.send(nack).await;
     // A stale nonce with new names is ignored.
-    s.send(req(EDS, &[ECHO_80, "outbound|9|x|nope"], "stale-nonce", None)).await;
+    s.send(req(EDS, &[ECHO_80, "outbound|9|x|nope"], "stale-nonce", None))
+        .await;
 
     // The next message is the endpoint-only push: EDS, not a reply to any of the above.
     set_endpoints(&t, &["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
@@ -190,7 +219,14 @@ async fn sotw_ack_nack_stale_nonce_and_incremental_eds() {
     t.m().mesh.upsert_service(
         "cluster1",
         ServiceKey::new("default", "other"),
-        ShardService { ports: vec![ServicePort { name: "http".into(), port: 80, protocol: Protocol::Http }], ..Default::default() },
+        ShardService {
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Http,
+            }],
+            ..Default::default()
+        },
     );
     let next = s.recv().await.unwrap();
     assert_eq!(next.type_url, CDS, "no EDS after unsubscribing");
@@ -208,11 +244,21 @@ async fn malformed_nodes_and_unknown_types() {
 
     let mut s = Sotw::open(plaintext(&t).await, None).await.unwrap();
     s.send(req(CDS, &[], "", None)).await;
-    assert_eq!(s.recv().await.unwrap_err().code(), Code::InvalidArgument, "no node on the first request");
+    assert_eq!(
+        s.recv().await.unwrap_err().code(),
+        Code::InvalidArgument,
+        "no node on the first request"
+    );
 
     // An unknown type gets no answer; the stream keeps working.
     let mut s = Sotw::open(plaintext(&t).await, None).await.unwrap();
-    s.send(req("type.googleapis.com/example.Unknown", &[], "", Some(gateway_node()))).await;
+    s.send(req(
+        "type.googleapis.com/example.Unknown",
+        &[],
+        "",
+        Some(gateway_node()),
+    ))
+    .await;
     s.send(req(CDS, &[], "", None)).await;
     assert_eq!(s.recv().await.unwrap().type_url, CDS);
 }
@@ -224,7 +270,10 @@ async fn identity_must_match_the_node_on_the_tls_port() {
     let mut ok = Sotw::open(t.channel().await, Some(&gw_token)).await.unwrap();
     ok.send(req(CDS, &[], "", Some(gateway_node()))).await;
     assert_eq!(ok.recv().await.unwrap().type_url, CDS);
-    assert_eq!(t.m().xds.connections()[0].identity.as_deref(), Some("spiffe://cluster.local/ns/istio-system/sa/gw"));
+    assert_eq!(
+        t.m().xds.connections()[0].identity.as_deref(),
+        Some("spiffe://cluster.local/ns/istio-system/sa/gw")
+    );
 
     let other = t.token("default", "web");
     let mut bad = Sotw::open(t.channel().await, Some(&other)).await.unwrap();
@@ -293,7 +342,10 @@ fn dreq(type_url: &str, sub: &[&str], nonce: &str, node: Option<Node>) -> DeltaD
 async fn delta_sends_changes_removals_and_honours_initial_versions() {
     let t = start().await;
     seed(&t, &["10.0.0.1"]);
-    eventually("model pushed", Duration::from_secs(5), async || t.m().xds.current().snapshot.services.contains_key(ECHO)).await;
+    eventually("model pushed", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
     let mut d = Delta::open(plaintext(&t).await).await;
     d.send(dreq(CDS, &[], "", Some(gateway_node()))).await;
     let cds = d.recv().await;
@@ -315,7 +367,9 @@ async fn delta_sends_changes_removals_and_honours_initial_versions() {
     d.send(dreq(EDS, &[], &up.nonce, None)).await;
 
     // Removing the service removes its cluster and assignment.
-    t.m().mesh.remove_service("cluster1", &ServiceKey::new("default", "echo"));
+    t.m()
+        .mesh
+        .remove_service("cluster1", &ServiceKey::new("default", "echo"));
     let removed_cds = d.recv().await;
     assert_eq!(removed_cds.type_url, CDS);
     assert_eq!(removed_cds.removed_resources, vec![ECHO_80.to_string()]);
@@ -325,15 +379,25 @@ async fn delta_sends_changes_removals_and_honours_initial_versions() {
 
     // Reconnect holding the current CDS version: nothing is resent.
     seed(&t, &["10.0.0.1"]);
-    eventually("service back", Duration::from_secs(5), async || t.m().xds.current().snapshot.services.contains_key(ECHO)).await;
+    eventually("service back", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
     let mut d2 = Delta::open(plaintext(&t).await).await;
     let mut first = dreq(CDS, &[], "", Some(gateway_node()));
-    first.initial_resource_versions.insert(ECHO_80.into(), cds_version.clone());
-    first.initial_resource_versions.insert("outbound|1||gone.default.svc.cluster.local".into(), "old".into());
+    first
+        .initial_resource_versions
+        .insert(ECHO_80.into(), cds_version.clone());
+    first
+        .initial_resource_versions
+        .insert("outbound|1||gone.default.svc.cluster.local".into(), "old".into());
     d2.send(first).await;
     let r = d2.recv().await;
     assert!(r.resources.is_empty(), "the client already has this version");
-    assert_eq!(r.removed_resources, vec!["outbound|1||gone.default.svc.cluster.local".to_string()]);
+    assert_eq!(
+        r.removed_resources,
+        vec!["outbound|1||gone.default.svc.cluster.local".to_string()]
+    );
 }
 
 #[tokio::test]
