@@ -26,10 +26,10 @@ use crate::cluster::{ClusterRegistry, files};
 use crate::config::{LocalIssuerMode, ServeArgs};
 use crate::pki::keys::KeyType;
 use crate::proto::CA_SERVICE_NAME;
-use crate::registry::MeshStore;
-use crate::xds::{XdsServer, push};
 use crate::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::registry::MeshStore;
 use crate::tls::{self, acceptor, client_verifier::MeshClientVerifier, serving};
+use crate::xds::{XdsServer, push};
 
 /// gRPC messages larger than this are refused (istiod's `ISTIO_GPRC_MAXRECVMSGSIZE`).
 pub const MAX_RECV_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -127,7 +127,9 @@ struct AuthDeps<'a> {
     kube_auth: bool,
 }
 
-fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<AuthChain> {
+/// The authenticator chain, and the background tasks it needs (JWKS refreshers).
+fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<(AuthChain, Vec<JoinHandle<()>>)> {
+    let mut tasks = Vec::new();
     let args = d.args;
     let cache = Arc::new(ReviewCache::new(
         CacheConfig {
@@ -155,14 +157,16 @@ fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<AuthChain> {
     }
     if let Some(rule) = &args.jwt_rule {
         for r in JwtRule::parse_env(rule, &args.token_audiences)? {
-            tracing::info!(issuer = %r.issuer, audiences = ?r.audiences, "trusting external JWT issuer");
-            chain.push(Arc::new(JwtAuthenticator::new(
+            tracing::info!(issuer = %r.issuer, audiences = ?r.audiences, jwks_uri = ?r.jwks_url, "trusting external JWT issuer");
+            let a = JwtAuthenticator::new(
                 r,
                 &args.trust_domain,
                 Arc::clone(d.clock),
                 Arc::clone(&cache),
                 d.registry,
-            )));
+            );
+            tasks.extend(a.spawn_jwks_refresh());
+            chain.push(Arc::new(a));
         }
     }
     if d.kube_auth {
@@ -178,7 +182,7 @@ fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<AuthChain> {
             Arc::clone(d.registry),
         )));
     }
-    Ok(AuthChain::new(chain))
+    Ok((AuthChain::new(chain), tasks))
 }
 
 /// The local cluster's client: `--kubeconfig`, else in-cluster config inside a pod, else none.
@@ -302,13 +306,15 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         ));
     }
 
-    let auth = Arc::new(build_auth(AuthDeps {
+    let (auth, auth_tasks) = build_auth(AuthDeps {
         args: &args,
         clock: &clock,
         registry: &registry,
         clusters: &clusters,
         kube_auth,
-    })?);
+    })?;
+    let auth = Arc::new(auth);
+    background.extend(auth_tasks);
     let signer = Arc::new(CaSigner::new(
         Arc::clone(&store),
         Arc::clone(&clock),
@@ -327,6 +333,12 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         args.push_throttle
     };
     let xds = XdsServer::new(mesh.snapshot(), Arc::clone(&auth), &registry, push_throttle);
+    // Gateway credentials (SDS `kubernetes://<credentialName>`): Secrets of every registered
+    // cluster, each gateway reading its own cluster and namespace.
+    xds.set_secret_source(crate::xds::generators::router::KubeSecrets::install(
+        &clusters,
+        Arc::clone(&mesh),
+    ));
     background.push(push::spawn_debouncer(
         Arc::clone(&mesh),
         Arc::new(xds.clone()),
@@ -347,8 +359,12 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             if local_client.is_some() || args.remote_kubeconfig_dir.is_some() {
                 tracing::info!(dir = %dir.display(), "--config-dir is the service registry; Kubernetes clusters are used for authentication only");
             }
-            let source =
-                crate::registry::file_source::FileSource::new(dir.clone(), &args.cluster_id, settings, Arc::clone(&mesh));
+            let source = crate::registry::file_source::FileSource::new(
+                dir.clone(),
+                &args.cluster_id,
+                settings,
+                Arc::clone(&mesh),
+            );
             background.push(source.spawn(args.config_dir_poll));
         } else {
             let kube = crate::registry::kube_source::KubeRegistry::new(Arc::clone(&mesh), settings);
@@ -473,6 +489,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             Arc::new(http::DebugSources {
                 clusters: Some(Arc::clone(&clusters)),
                 mesh: Some(Arc::clone(&mesh)),
+                xds: Some(xds.clone()),
             }),
         ),
         shutdown_rx.clone(),

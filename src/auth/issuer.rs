@@ -142,6 +142,7 @@ impl LocalIssuer {
             audiences: audiences.to_vec(),
             // Our own JWKS always parses.
             keys: keys_from_jwks(&self.jwks_json).unwrap_or_default(),
+            jwks_url: None,
         }
     }
 

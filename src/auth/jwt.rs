@@ -59,6 +59,8 @@ pub struct JwtRule {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub keys: Vec<VerifyKey>,
+    /// An http(s) `jwks_uri`: keys are fetched from it (and refreshed) at run time.
+    pub jwks_url: Option<String>,
 }
 
 impl std::fmt::Debug for JwtRule {
@@ -105,6 +107,24 @@ impl JwtRule {
     }
 
     fn from_json(r: RuleJson, default_audiences: &[String]) -> Result<JwtRule, JwtRuleError> {
+        let audiences = if r.audiences.is_empty() {
+            default_audiences.to_vec()
+        } else {
+            r.audiences.clone()
+        };
+        if r.jwks.is_none()
+            && let Some(uri) = r
+                .jwks_uri
+                .as_ref()
+                .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return Ok(JwtRule {
+                issuer: r.issuer,
+                audiences,
+                keys: Vec::new(),
+                jwks_url: Some(uri.clone()),
+            });
+        }
         let jwks_text = match (&r.jwks, &r.jwks_uri) {
             (Some(inline), _) => inline.clone(),
             (None, Some(uri)) => {
@@ -130,15 +150,11 @@ impl JwtRule {
             issuer: r.issuer.clone(),
             reason,
         })?;
-        let audiences = if r.audiences.is_empty() {
-            default_audiences.to_vec()
-        } else {
-            r.audiences
-        };
         Ok(JwtRule {
             issuer: r.issuer,
             audiences,
             keys,
+            jwks_url: None,
         })
     }
 }
@@ -226,6 +242,8 @@ struct RawHeader {
 
 struct Inner {
     rule: JwtRule,
+    /// The rule's keys, replaced when fetched from `jwks_uri`.
+    keys: arc_swap::ArcSwap<Vec<VerifyKey>>,
     trust_domain: String,
     clock: SharedClock,
 }
@@ -250,6 +268,7 @@ impl JwtAuthenticator {
         Self {
             metrics,
             inner: Arc::new(Inner {
+                keys: arc_swap::ArcSwap::from_pointee(rule.keys.clone()),
                 rule,
                 trust_domain: trust_domain.into(),
                 clock,
@@ -260,6 +279,32 @@ impl JwtAuthenticator {
 
     pub fn issuer(&self) -> &str {
         &self.inner.rule.issuer
+    }
+
+    /// For a rule with an http(s) `jwks_uri`: fetches the keys now and keeps them fresh.
+    pub fn spawn_jwks_refresh(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let url = self.inner.rule.jwks_url.clone()?;
+        let inner = Arc::clone(&self.inner);
+        Some(tokio::spawn(async move {
+            loop {
+                let wait = match super::jwks::fetch(&url, Duration::from_secs(10))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| keys_from_jwks(&t))
+                {
+                    Ok(keys) => {
+                        tracing::info!(issuer = %inner.rule.issuer, keys = keys.len(), "fetched JWKS");
+                        inner.keys.store(Arc::new(keys));
+                        super::jwks::REFRESH_EVERY
+                    }
+                    Err(e) => {
+                        tracing::warn!(issuer = %inner.rule.issuer, error = %e, "fetching JWKS failed; retrying");
+                        super::jwks::RETRY_EVERY
+                    }
+                };
+                tokio::time::sleep(wait).await;
+            }
+        }))
     }
 }
 
@@ -280,9 +325,14 @@ impl Inner {
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Rejected(format!("token header is invalid: {e}")))?;
-        let candidates: Vec<&VerifyKey> = self
-            .rule
-            .keys
+        let keys = self.keys.load();
+        if keys.is_empty() {
+            return Err(AuthError::Unavailable {
+                cluster: self.rule.issuer.clone(),
+                reason: "the issuer's JWKS has not been fetched yet".into(),
+            });
+        }
+        let candidates: Vec<&VerifyKey> = keys
             .iter()
             .filter(|k| k.algorithms.contains(&alg))
             .filter(|k| match (&header.kid, &k.kid) {
@@ -474,8 +524,12 @@ mod tests {
         let rules = JwtRule::parse_env(&rule, &["istio-ca".into()]).unwrap();
         assert_eq!(rules.len(), 1);
         assert_eq!(rules[0].audiences, vec!["istio-ca".to_string()]);
-        let err = JwtRule::parse_env(r#"{"issuer":"x","jwks_uri":"https://x/keys"}"#, &[]).unwrap_err();
+        let err = JwtRule::parse_env(r#"{"issuer":"x","jwks_uri":"ftp://x/keys"}"#, &[]).unwrap_err();
         assert!(matches!(err, JwtRuleError::UnsupportedUri { .. }));
+        let remote =
+            JwtRule::parse_env(r#"[{"issuer":"x","jwks_uri":"https://x/keys","audiences":["a"]}]"#, &[]).unwrap();
+        assert_eq!(remote[0].jwks_url.as_deref(), Some("https://x/keys"));
+        assert_eq!(remote[0].audiences, vec!["a".to_string()]);
         let oct = r#"{"issuer":"x","jwks":"{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}]}"}"#;
         assert!(matches!(
             JwtRule::parse_env(oct, &[]).unwrap_err(),

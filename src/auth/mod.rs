@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod client_cert;
 pub mod issuer;
+pub mod jwks;
 pub mod jwt;
 pub mod kube_jwt;
 pub mod tokenreview;
