@@ -356,6 +356,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             system_namespace: args.system_namespace.clone(),
         };
         if let Some(dir) = &args.config_dir {
+            anyhow::ensure!(dir.is_dir(), "--config-dir {}: not a directory", dir.display());
             if local_client.is_some() || args.remote_kubeconfig_dir.is_some() {
                 tracing::info!(dir = %dir.display(), "--config-dir is the service registry; Kubernetes clusters are used for authentication only");
             }
@@ -367,7 +368,11 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             );
             background.push(source.spawn(args.config_dir_poll));
         } else {
-            let kube = crate::registry::kube_source::KubeRegistry::new(Arc::clone(&mesh), settings);
+            let kube = crate::registry::kube_source::KubeRegistry::new(
+                Arc::clone(&mesh),
+                settings,
+                Some(Arc::clone(&readiness)),
+            );
             clusters.add_handler(kube as Arc<dyn crate::cluster::ClusterHandler>);
         }
     }

@@ -39,6 +39,8 @@ pub struct DebugSources {
     pub clusters: Option<Arc<ClusterRegistry>>,
     /// The service model, for `/debug/registryz`.
     pub mesh: Option<Arc<crate::registry::MeshStore>>,
+    /// xDS connections, for `/debug/syncz` and `/debug/connections`.
+    pub xds: Option<crate::xds::XdsServer>,
 }
 
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
@@ -74,6 +76,11 @@ pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>, de
                 "/debug/registryz" => match &debug.mesh {
                     Some(m) => json(StatusCode::OK, &crate::registry::debug::registryz(&m.snapshot())),
                     None => json(StatusCode::OK, &serde_json::json!({"services": []})),
+                },
+                // Per connection and type: nonces sent/acked, versions, NACKs (istiod's syncz).
+                "/debug/syncz" | "/debug/connections" => match &debug.xds {
+                    Some(x) => json(StatusCode::OK, &x.connections()),
+                    None => json(StatusCode::OK, &Vec::<()>::new()),
                 },
                 "/metrics" => Response::builder()
                     .header("content-type", "text/plain; version=0.0.4; charset=utf-8")

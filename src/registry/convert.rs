@@ -13,9 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::ObjectMeta;
 
-use super::istio::{
-    Config, ConfigMeta, DestinationRuleSpec, GROUP, GatewaySpec, IstioConfig, VirtualServiceSpec,
-};
+use super::istio::{Config, ConfigMeta, DestinationRuleSpec, GROUP, GatewaySpec, IstioConfig, VirtualServiceSpec};
 use super::model::{Endpoint, Locality, Protocol, ServiceKey, ServicePort};
 use super::store::{ClusterShard, ShardService};
 
@@ -340,7 +338,10 @@ impl ClusterState {
             touched.insert(old.service);
         }
         if let Some(new) = facts {
-            self.slices_of.entry(new.service.clone()).or_default().insert(key.clone());
+            self.slices_of
+                .entry(new.service.clone())
+                .or_default()
+                .insert(key.clone());
             touched.insert(new.service.clone());
             self.slices.insert(key, new);
         }
@@ -498,7 +499,10 @@ impl ClusterState {
                             })
                         })
                         .unwrap_or_default();
-                    let pod_ns = pod_key.as_ref().map(|k| k.namespace.as_str()).unwrap_or(&service.namespace);
+                    let pod_ns = pod_key
+                        .as_ref()
+                        .map(|k| k.namespace.as_str())
+                        .unwrap_or(&service.namespace);
                     for port in &slice.ports {
                         if !seen.insert((*addr, port.name.clone(), port.port)) {
                             continue;
@@ -518,7 +522,8 @@ impl ClusterState {
                                 )
                             }),
                             pod_name: pod_key.as_ref().map(|k| k.name.clone()),
-                            ready: e.ready,
+                            // Published not-ready addresses are served as healthy, as in istiod.
+                            ready: e.ready || publish_not_ready,
                         });
                     }
                 }
@@ -530,7 +535,11 @@ impl ClusterState {
     /// Everything this cluster contributes, for `MeshStore::replace_cluster`.
     pub fn shard(&self) -> ClusterShard {
         let mut shard = ClusterShard {
-            services: self.services.iter().map(|(k, f)| (k.clone(), f.shard.clone())).collect(),
+            services: self
+                .services
+                .iter()
+                .map(|(k, f)| (k.clone(), f.shard.clone()))
+                .collect(),
             endpoints: BTreeMap::new(),
         };
         for key in self.slices_of.keys() {
@@ -552,7 +561,11 @@ pub enum ConfigKind {
 }
 
 impl ConfigKind {
-    pub const ALL: [ConfigKind; 3] = [ConfigKind::Gateway, ConfigKind::VirtualService, ConfigKind::DestinationRule];
+    pub const ALL: [ConfigKind; 3] = [
+        ConfigKind::Gateway,
+        ConfigKind::VirtualService,
+        ConfigKind::DestinationRule,
+    ];
 
     pub fn kind(self) -> &'static str {
         match self {
@@ -720,16 +733,20 @@ mod tests {
         .unwrap();
         let (n, l) = node_locality(&node);
         assert!(st.set_node(n, Some(l)));
-        let ns: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": "istio-system", "labels": {"topology.istio.io/network": "net1"}}}))
-                .unwrap();
+        let ns: Namespace = serde_json::from_value(
+            json!({"metadata": {"name": "istio-system", "labels": {"topology.istio.io/network": "net1"}}}),
+        )
+        .unwrap();
         let (n, f) = namespace_facts(&ns);
         assert!(st.set_namespace(n, Some(f)));
 
         let eps = st.endpoints(&echo);
         let e1 = eps.iter().find(|e| e.address.to_string() == "10.0.0.1").unwrap();
         assert_eq!(e1.labels.get("version").map(String::as_str), Some("v1"));
-        assert_eq!(e1.service_account.as_deref(), Some("spiffe://cluster.local/ns/default/sa/echo"));
+        assert_eq!(
+            e1.service_account.as_deref(),
+            Some("spiffe://cluster.local/ns/default/sa/echo")
+        );
         assert_eq!(e1.pod_name.as_deref(), Some("echo-1"));
         assert_eq!(e1.locality.region, "r1");
         assert_eq!(e1.locality.subzone, "s1");
@@ -743,11 +760,17 @@ mod tests {
         // Pod label change touches the service; removing a slice drops its endpoints.
         let (pk, pf) = pod_facts(&pod("echo-1", "10.0.0.1", "v3", "node-a"));
         assert_eq!(st.set_pod(pk, Some(pf)), [echo.clone()].into());
-        assert_eq!(st.set_slice(ObjKey::new("default", "echo-b"), None), [echo.clone()].into());
+        assert_eq!(
+            st.set_slice(ObjKey::new("default", "echo-b"), None),
+            [echo.clone()].into()
+        );
         let eps = st.endpoints(&echo);
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].labels.get("version").map(String::as_str), Some("v3"));
-        assert!(st.set_pod(ObjKey::new("default", "echo-2"), None).is_empty(), "no longer referenced");
+        assert!(
+            st.set_pod(ObjKey::new("default", "echo-2"), None).is_empty(),
+            "no longer referenced"
+        );
         assert_eq!(st.shard().endpoints.len(), 1);
     }
 }

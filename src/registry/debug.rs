@@ -110,7 +110,9 @@ fn service(host: &str, svc: Option<&Service>, eps: &[Endpoint]) -> ServiceDump {
     ServiceDump {
         hostname: host.to_string(),
         defined: svc.is_some(),
-        namespace: svc.map(|s| s.key.namespace.clone()).unwrap_or_else(|| namespace.to_string()),
+        namespace: svc
+            .map(|s| s.key.namespace.clone())
+            .unwrap_or_else(|| namespace.to_string()),
         name: svc.map(|s| s.key.name.clone()).unwrap_or_else(|| name.to_string()),
         ports: svc
             .map(|s| {

@@ -55,12 +55,18 @@ struct Placed {
 
 /// Whether `path` is a config file by name.
 fn is_config_file(path: &Path) -> bool {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.starts_with('.') {
         return false;
     }
     matches!(
-        path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+        path.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Some("yaml" | "yml" | "json")
     )
 }
@@ -73,7 +79,9 @@ fn documents(text: &str) -> Result<Vec<Value>, String> {
         match v {
             Value::Null => {}
             Value::Object(ref m)
-                if m.get("kind").and_then(Value::as_str).is_some_and(|k| k.ends_with("List"))
+                if m.get("kind")
+                    .and_then(Value::as_str)
+                    .is_some_and(|k| k.ends_with("List"))
                     && m.get("items").is_some_and(Value::is_array) =>
             {
                 out.extend(m["items"].as_array().into_iter().flatten().cloned());
@@ -101,11 +109,21 @@ fn parse_file(text: &str) -> Result<Vec<Placed>, String> {
             ));
         }
         let cluster = v
-            .pointer(&format!("/metadata/annotations/{}", CLUSTER_ANNOTATION.replace('/', "~1")))
+            .pointer(&format!(
+                "/metadata/annotations/{}",
+                CLUSTER_ANNOTATION.replace('/', "~1")
+            ))
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty())
             .map(str::to_string);
-        let what = format!("{kind} {}{name}", if namespace.is_empty() { String::new() } else { format!("{namespace}/") });
+        let what = format!(
+            "{kind} {}{name}",
+            if namespace.is_empty() {
+                String::new()
+            } else {
+                format!("{namespace}/")
+            }
+        );
         let err = |e: serde_json::Error| format!("{what}: {e}");
         // Namespaced kinds default to `default`, as kubectl does.
         let mut v = v.clone();
@@ -116,7 +134,11 @@ fn parse_file(text: &str) -> Result<Vec<Placed>, String> {
         {
             meta.insert("namespace".into(), Value::from("default"));
         }
-        let ns = if namespace.is_empty() { "default" } else { namespace.as_str() };
+        let ns = if namespace.is_empty() {
+            "default"
+        } else {
+            namespace.as_str()
+        };
         let object = match (api_version.as_str(), kind.as_str()) {
             ("v1", "Service") => FileObject::Service(typed(v).map_err(err)?),
             ("discovery.k8s.io/v1", "EndpointSlice") => FileObject::Slice(typed(v).map_err(err)?),
@@ -212,6 +234,8 @@ pub struct FileSource {
     files: BTreeMap<PathBuf, FileEntry>,
     written_clusters: BTreeSet<String>,
     loaded_once: bool,
+    /// The last directory read error, so a missing directory is logged once.
+    dir_error: Option<String>,
 }
 
 impl FileSource {
@@ -224,6 +248,7 @@ impl FileSource {
             files: BTreeMap::new(),
             written_clusters: BTreeSet::new(),
             loaded_once: false,
+            dir_error: None,
         }
     }
 
@@ -231,9 +256,18 @@ impl FileSource {
     /// whether the model was (re)written.
     pub fn poll(&mut self) -> bool {
         let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
+            Ok(e) => {
+                if self.dir_error.take().is_some() {
+                    tracing::info!(dir = %self.dir.display(), "config directory readable again");
+                }
+                e
+            }
             Err(e) => {
-                tracing::warn!(dir = %self.dir.display(), error = %e, "reading the config directory; keeping the last state");
+                let msg = e.to_string();
+                if self.dir_error.as_ref() != Some(&msg) {
+                    tracing::warn!(dir = %self.dir.display(), error = %msg, "reading the config directory; keeping the last state");
+                    self.dir_error = Some(msg);
+                }
                 return false;
             }
         };

@@ -34,6 +34,8 @@ pub struct GatewayServer {
     pub hosts: Vec<String>,
     pub tls: Option<ServerTls>,
     pub name: Option<String>,
+    /// Address the listener binds instead of 0.0.0.0.
+    pub bind: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -179,6 +181,7 @@ pub struct ClientTls {
     pub mode: Option<String>,
     pub sni: Option<String>,
     pub credential_name: Option<String>,
+    pub subject_alt_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

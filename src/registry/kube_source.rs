@@ -32,13 +32,18 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::convert::{
-    ClusterSettings, ClusterState, ConfigItem, ConfigKind, NamespaceFacts, ObjKey, PodFacts, ServiceFacts,
-    SliceFacts, build_config, namespace_facts, node_locality, parse_config, pod_facts, service_facts, slice_facts,
+    ClusterSettings, ClusterState, ConfigItem, ConfigKind, NamespaceFacts, ObjKey, PodFacts, ServiceFacts, SliceFacts,
+    build_config, namespace_facts, node_locality, parse_config, pod_facts, service_facts, slice_facts,
 };
 use super::istio::GROUP;
 use super::model::{Locality, ServiceKey};
 use super::store::{ClusterShard, MeshStore, ShardService};
+use crate::admin::Readiness;
 use crate::cluster::{ClusterHandle, ClusterHandler, ClusterSource};
+
+/// Readiness components: the primary's services/endpoints and its Istio config were listed.
+pub const READY_SERVICES: &str = "kube-registry";
+pub const READY_CONFIG: &str = "istio-config";
 
 /// How often a missing Istio CRD is looked for again.
 const CRD_RETRY: Duration = Duration::from_secs(60);
@@ -101,20 +106,26 @@ impl ShardWriter {
 pub struct KubeRegistry {
     mesh: Arc<MeshStore>,
     settings: RegistrySettings,
+    /// Not ready until the primary (local cluster) has been listed, as istiod waits for its
+    /// config cluster's informers.
+    readiness: Option<Arc<Readiness>>,
     gates: Mutex<BTreeMap<String, Arc<Mutex<bool>>>>,
 }
 
 impl std::fmt::Debug for KubeRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeRegistry").field("settings", &self.settings).finish()
+        f.debug_struct("KubeRegistry")
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
 impl KubeRegistry {
-    pub fn new(mesh: Arc<MeshStore>, settings: RegistrySettings) -> Arc<Self> {
+    pub fn new(mesh: Arc<MeshStore>, settings: RegistrySettings, readiness: Option<Arc<Readiness>>) -> Arc<Self> {
         Arc::new(Self {
             mesh,
             settings,
+            readiness,
             gates: Mutex::default(),
         })
     }
@@ -143,10 +154,17 @@ impl ClusterHandler for KubeRegistry {
             cluster: cluster.id.clone(),
             open,
         };
-        let discovery = Discovery::new(self.settings.for_cluster(&cluster.id), writer, Arc::downgrade(cluster));
+        let local = cluster.source == ClusterSource::Local;
+        let readiness = self.readiness.clone().filter(|_| local);
+        if let Some(r) = &readiness {
+            r.register(READY_SERVICES);
+            r.register(READY_CONFIG);
+        }
+        let mut discovery = Discovery::new(self.settings.for_cluster(&cluster.id), writer, Arc::downgrade(cluster));
+        discovery.readiness = readiness.clone();
         cluster.spawn(discovery.run(cluster.client.clone()));
-        if cluster.source == ClusterSource::Local {
-            spawn_config_watchers(cluster, Arc::clone(&self.mesh));
+        if local {
+            spawn_config_watchers(cluster, Arc::clone(&self.mesh), readiness);
         }
     }
 
@@ -156,22 +174,23 @@ impl ClusterHandler for KubeRegistry {
     }
 }
 
+/// A watch event of one of the kinds, boxed (Kubernetes objects are large and differ in size).
 enum Msg {
-    Service(watcher::Result<Event<Service>>),
-    Slice(watcher::Result<Event<EndpointSlice>>),
-    Pod(watcher::Result<Event<Pod>>),
-    Node(watcher::Result<Event<Node>>),
-    Namespace(watcher::Result<Event<Namespace>>),
+    Service(Box<watcher::Result<Event<Service>>>),
+    Slice(Box<watcher::Result<Event<EndpointSlice>>>),
+    Pod(Box<watcher::Result<Event<Pod>>>),
+    Node(Box<watcher::Result<Event<Node>>>),
+    Namespace(Box<watcher::Result<Event<Namespace>>>),
 }
 
-fn watch<K>(client: &kube::Client, wrap: fn(watcher::Result<Event<K>>) -> Msg) -> BoxStream<'static, Msg>
+fn watch<K>(client: &kube::Client, wrap: fn(Box<watcher::Result<Event<K>>>) -> Msg) -> BoxStream<'static, Msg>
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default,
 {
     watcher::watcher(Api::<K>::all(client.clone()), watcher::Config::default())
         .default_backoff()
-        .map(wrap)
+        .map(move |r| wrap(Box::new(r)))
         .boxed()
 }
 
@@ -210,6 +229,7 @@ struct Discovery {
     state: ClusterState,
     writer: ShardWriter,
     handle: Weak<ClusterHandle>,
+    readiness: Option<Arc<Readiness>>,
     services: Listing<ServiceKey, ServiceFacts>,
     slices: Listing<ObjKey, SliceFacts>,
     pods: Listing<ObjKey, PodFacts>,
@@ -227,6 +247,7 @@ impl Discovery {
             state: ClusterState::new(settings),
             writer,
             handle,
+            readiness: None,
             services: Listing::default(),
             slices: Listing::default(),
             pods: Listing::default(),
@@ -264,6 +285,9 @@ impl Discovery {
                 Some(ev)
             }
             Err(e) => {
+                if forbidden(&e) {
+                    self.forbidden(kind);
+                }
                 let msg = e.to_string();
                 if self.errors.get(kind) != Some(&msg) {
                     tracing::warn!(cluster = %self.cluster(), kind, error = %msg, "watch failed; retrying with backoff, keeping the last known state");
@@ -279,7 +303,7 @@ impl Discovery {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Service(r) => {
-                let Some(ev) = self.ok("Service", r) else { return };
+                let Some(ev) = self.ok("Service", *r) else { return };
                 match ev {
                     Event::Init => self.services.begin(),
                     Event::InitApply(s) => {
@@ -305,7 +329,7 @@ impl Discovery {
                 }
             }
             Msg::Slice(r) => {
-                let Some(ev) = self.ok("EndpointSlice", r) else { return };
+                let Some(ev) = self.ok("EndpointSlice", *r) else { return };
                 match ev {
                     Event::Init => self.slices.begin(),
                     Event::InitApply(s) => {
@@ -330,7 +354,7 @@ impl Discovery {
                 }
             }
             Msg::Pod(r) => {
-                let Some(ev) = self.ok("Pod", r) else { return };
+                let Some(ev) = self.ok("Pod", *r) else { return };
                 match ev {
                     Event::Init => self.pods.begin(),
                     Event::InitApply(p) => {
@@ -354,7 +378,7 @@ impl Discovery {
                 }
             }
             Msg::Node(r) => {
-                let Some(ev) = self.ok("Node", r) else { return };
+                let Some(ev) = self.ok("Node", *r) else { return };
                 match ev {
                     Event::Init => self.nodes.begin(),
                     Event::InitApply(n) => {
@@ -381,7 +405,7 @@ impl Discovery {
                 }
             }
             Msg::Namespace(r) => {
-                let Some(ev) = self.ok("Namespace", r) else { return };
+                let Some(ev) = self.ok("Namespace", *r) else { return };
                 match ev {
                     Event::Init => self.namespaces.begin(),
                     Event::InitApply(n) => {
@@ -410,6 +434,23 @@ impl Discovery {
         }
     }
 
+    /// Pods, Nodes and Namespaces only add detail to endpoints: when the cluster's credentials
+    /// may not read them, the cluster is served without (the watch keeps retrying) rather than
+    /// not at all.
+    fn forbidden(&mut self, kind: &'static str) {
+        let listed = match kind {
+            "Pod" => &mut self.pods.listed,
+            "Node" => &mut self.nodes.listed,
+            "Namespace" => &mut self.namespaces.listed,
+            _ => return,
+        };
+        if !*listed {
+            *listed = true;
+            tracing::warn!(cluster = %self.cluster(), kind, "not allowed to list; serving endpoints without it");
+            self.relisted();
+        }
+    }
+
     fn all_listed(&self) -> bool {
         self.services.listed && self.slices.listed && self.pods.listed && self.nodes.listed && self.namespaces.listed
     }
@@ -424,6 +465,9 @@ impl Discovery {
             self.live = true;
             if let Some(h) = self.handle.upgrade() {
                 h.set_synced();
+            }
+            if let Some(r) = &self.readiness {
+                r.set(READY_SERVICES, true);
             }
             tracing::info!(cluster = %self.cluster(), "service registry synced");
         }
@@ -474,12 +518,12 @@ enum ConfigEvent {
     Delete(ObjKey),
 }
 
-fn spawn_config_watchers(cluster: &Arc<ClusterHandle>, mesh: Arc<MeshStore>) {
+fn spawn_config_watchers(cluster: &Arc<ClusterHandle>, mesh: Arc<MeshStore>, readiness: Option<Arc<Readiness>>) {
     let (tx, rx) = mpsc::unbounded_channel();
     for kind in ConfigKind::ALL {
         cluster.spawn(watch_config_kind(cluster.client.clone(), kind, tx.clone()));
     }
-    cluster.spawn(aggregate_config(rx, mesh));
+    cluster.spawn(aggregate_config(rx, mesh, readiness));
 }
 
 fn parse_object(kind: ConfigKind, o: &DynamicObject) -> (ObjKey, Option<ConfigItem>) {
@@ -493,18 +537,29 @@ fn parse_object(kind: ConfigKind, o: &DynamicObject) -> (ObjKey, Option<ConfigIt
     }
 }
 
-fn not_found(e: &watcher::Error) -> bool {
+fn status_code(e: &watcher::Error) -> Option<u16> {
     match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s)) | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => {
-            s.code == 404
-        }
-        watcher::Error::WatchError(s) => s.code == 404,
-        _ => false,
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
     }
 }
 
+fn not_found(e: &watcher::Error) -> bool {
+    status_code(e) == Some(404)
+}
+
+fn forbidden(e: &watcher::Error) -> bool {
+    status_code(e) == Some(403)
+}
+
 /// Watches one config kind; while its CRD is missing, reports it empty and checks again slowly.
-async fn watch_config_kind(client: kube::Client, kind: ConfigKind, tx: mpsc::UnboundedSender<(ConfigKind, ConfigEvent)>) {
+async fn watch_config_kind(
+    client: kube::Client,
+    kind: ConfigKind,
+    tx: mpsc::UnboundedSender<(ConfigKind, ConfigEvent)>,
+) {
     let gvk = GroupVersionKind::gvk(GROUP, "v1", kind.kind());
     let api: Api<DynamicObject> = Api::all_with(client, &ApiResource::from_gvk_with_plural(&gvk, kind.plural()));
     let send = |ev: ConfigEvent| tx.send((kind, ev)).is_ok();
@@ -573,7 +628,11 @@ async fn watch_config_kind(client: kube::Client, kind: ConfigKind, tx: mpsc::Unb
 }
 
 /// Merges the three kinds and writes the config once all have been listed, then on changes.
-async fn aggregate_config(mut rx: mpsc::UnboundedReceiver<(ConfigKind, ConfigEvent)>, mesh: Arc<MeshStore>) {
+async fn aggregate_config(
+    mut rx: mpsc::UnboundedReceiver<(ConfigKind, ConfigEvent)>,
+    mesh: Arc<MeshStore>,
+    readiness: Option<Arc<Readiness>>,
+) {
     let mut items: BTreeMap<ConfigKind, BTreeMap<ObjKey, ConfigItem>> = BTreeMap::new();
     let mut listings: BTreeMap<ConfigKind, Listing<ObjKey, ConfigItem>> = BTreeMap::new();
     let mut written = false;
@@ -613,11 +672,84 @@ async fn aggregate_config(mut rx: mpsc::UnboundedReceiver<(ConfigKind, ConfigEve
             mesh.set_config(build_config(items.values().flat_map(|m| m.values())));
             if !written {
                 written = true;
+                if let Some(r) = &readiness {
+                    r.set(READY_CONFIG, true);
+                }
                 tracing::info!(
                     objects = items.values().map(BTreeMap::len).sum::<usize>(),
                     "Istio config synced from the primary cluster"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// An API server that knows no resources at all: every request gets a 404 Status.
+    async fn empty_api_server(hits: Arc<AtomicUsize>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let hits = Arc::clone(&hits);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let body = serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "message": "the server could not find the requested resource",
+                            "reason": "NotFound", "code": 404,
+                        });
+                        async move {
+                            http::Response::builder()
+                                .status(404)
+                                .header("content-type", "application/json")
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn missing_istio_crds_count_as_empty_config_and_are_not_hammered() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let addr = empty_api_server(Arc::clone(&hits)).await;
+        let client = kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+        let mesh = MeshStore::new();
+        let readiness = Readiness::new();
+        readiness.register(READY_CONFIG);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut tasks: Vec<_> = ConfigKind::ALL
+            .into_iter()
+            .map(|k| tokio::spawn(watch_config_kind(client.clone(), k, tx.clone())))
+            .collect();
+        tasks.push(tokio::spawn(aggregate_config(
+            rx,
+            Arc::clone(&mesh),
+            Some(Arc::clone(&readiness)),
+        )));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !readiness.is_ready() {
+            assert!(tokio::time::Instant::now() < deadline, "config never marked synced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*mesh.snapshot().config, Default::default());
+        // One probe per kind, then quiet until the slow retry.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(hits.load(Ordering::SeqCst), 3);
+        for t in tasks {
+            t.abort();
         }
     }
 }

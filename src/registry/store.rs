@@ -95,6 +95,17 @@ struct Inner {
     pending: Change,
     version: u64,
     dirty: bool,
+    counts: ChangeCounts,
+}
+
+/// How many writes changed something, by kind, since the store was created (for tests and
+/// debugging; the push machinery uses [`MeshStore::take_changes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangeCounts {
+    /// Writes that needed a full push.
+    pub full: u64,
+    /// Writes that changed endpoints only.
+    pub endpoints_only: u64,
 }
 
 /// The mesh model all sources write into.
@@ -128,6 +139,11 @@ impl MeshStore {
     fn record(&self, inner: &mut Inner, change: Change) {
         if change.is_empty() {
             return;
+        }
+        if change.full {
+            inner.counts.full += 1;
+        } else {
+            inner.counts.endpoints_only += 1;
         }
         inner.pending.merge(change);
         inner.dirty = true;
@@ -196,6 +212,18 @@ impl MeshStore {
         }
         inner.config = Arc::new(config);
         self.record(&mut inner, Change::full("config"));
+    }
+
+    /// Counts of the changes recorded so far (never reset; unaffected by `take_changes`).
+    pub fn change_counts(&self) -> ChangeCounts {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).counts
+    }
+
+    /// Something generators read besides the model changed (a gateway's TLS Secret): push
+    /// everything, as istiod pushes on a Secret change.
+    pub fn mark_changed(&self, reason: &'static str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.record(&mut inner, Change::full(reason));
     }
 
     /// Takes the changes recorded since the last call.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::generators::eds;
+use super::generators::router::{NoSecrets, SecretSource};
 use super::resource::{Resource, ResourceSet};
 use super::types;
 use crate::registry::{Change, MeshStore, Snapshot};
@@ -36,6 +37,8 @@ pub struct PushContext {
     pub snapshot: Arc<Snapshot>,
     /// What triggered this context (empty for the first one).
     pub change: Change,
+    /// Gateway credentials (`credentialName`) for SDS; carried from context to context.
+    pub secrets: Arc<dyn SecretSource>,
     /// (type, class key) → resources, generated on first use.
     cache: Mutex<HashMap<(&'static str, String), Arc<ResourceSet>>>,
     /// Hostname → its EDS resources; carried over from the previous context for unchanged hosts.
@@ -60,6 +63,7 @@ impl PushContext {
             epoch,
             snapshot,
             change: Change::default(),
+            secrets: Arc::new(NoSecrets),
             cache: Mutex::default(),
             eds_by_host: Mutex::default(),
             eds_all: OnceLock::new(),
@@ -76,7 +80,17 @@ impl PushContext {
             eds.retain(|host, _| !change.endpoint_hosts.contains(host));
             *next.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()) = eds;
         }
-        Self { change, ..next }
+        Self {
+            change,
+            secrets: Arc::clone(&prev.secrets),
+            ..next
+        }
+    }
+
+    /// This context reading gateway credentials from `secrets`.
+    pub fn with_secrets(mut self, secrets: Arc<dyn SecretSource>) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// Generated resources for a class of proxies, computed once per context.

@@ -148,6 +148,19 @@ impl XdsServer {
         self.shared.current.load_full()
     }
 
+    /// Where gateway credentials (SDS `kubernetes://…`) come from, from the next context on;
+    /// set once at startup, before proxies connect.
+    pub fn set_secret_source(&self, secrets: Arc<dyn super::generators::router::SecretSource>) {
+        let prev = self.shared.current.load_full();
+        let change = Change {
+            full: true,
+            reasons: ["secret-source"].into(),
+            ..Default::default()
+        };
+        let next = PushContext::next(&prev, Arc::clone(&prev.snapshot), change).with_secrets(secrets);
+        self.shared.current.store(Arc::new(next));
+    }
+
     /// Debug state of every connection.
     pub fn connections(&self) -> Vec<ConnStatus> {
         let conns: Vec<Arc<ConnSlot>> = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
@@ -315,6 +328,7 @@ impl AdsService {
             identity,
             secure: self.secure,
             proxy: None,
+            inbound: None,
             tx,
             sotw: HashMap::new(),
             delta: HashMap::new(),
@@ -355,6 +369,8 @@ pub struct Conn {
     sotw: HashMap<&'static str, SotwWatch>,
     delta: HashMap<&'static str, DeltaWatch>,
     peer: Option<SocketAddr>,
+    /// What the proxy's own inbound config was built from (sidecars and gRPC servers).
+    inbound: Option<generators::sidecar::InboundSig>,
 }
 
 /// Request handling per protocol flavour.
@@ -431,6 +447,10 @@ impl Conn {
             st.cluster_id = proxy.cluster_id.clone();
         }
         tracing::info!(conn = self.id, node = %proxy.node_id, cluster = %proxy.cluster_id, identity = ?self.identity.as_ref().map(|i| i.spiffe_uri()), peer = ?self.peer, "xDS stream connected");
+        if generators::sidecar::has_inbound(&proxy) {
+            let push = self.shared.current.load_full();
+            self.inbound = Some(generators::sidecar::inbound_sig(&push, &proxy, None));
+        }
         self.proxy = Some(proxy);
         self.shared.metrics.connected.inc();
         self.shared
@@ -439,6 +459,26 @@ impl Conn {
             .unwrap_or_else(|e| e.into_inner())
             .insert(self.id, Arc::clone(&self.slot));
         Ok(())
+    }
+
+    /// Whether a push is full for this connection: it is, or it changes the endpoints at the
+    /// proxy's own IPs, which its inbound listeners and clusters are built from (an endpoint-only
+    /// change elsewhere stays EDS-only).
+    fn push_is_full(&mut self, p: &PendingPushPublic) -> bool {
+        let (Some(proxy), Some(sig)) = (&self.proxy, &self.inbound) else {
+            return p.full;
+        };
+        let push = self.shared.current.load_full();
+        let inbound_changed = !p.full && !p.hosts.is_empty() && {
+            let before: generators::sidecar::InboundSig =
+                sig.iter().filter(|(h, _, _)| p.hosts.contains(h)).cloned().collect();
+            generators::sidecar::inbound_sig(&push, proxy, Some(&p.hosts)) != before
+        };
+        if p.full || inbound_changed {
+            self.inbound = Some(generators::sidecar::inbound_sig(&push, proxy, None));
+        }
+        let _ = inbound_changed;
+        p.full
     }
 
     fn status(&self, type_url: &'static str, f: impl FnOnce(&mut TypeStatus)) {
@@ -456,7 +496,11 @@ impl Conn {
     }
 
     /// Generates the resources of a type for this proxy (bounded by the generation permits).
-    async fn resources(&self, type_url: &'static str) -> (Arc<PushContext>, Arc<ResourceSet>) {
+    async fn resources(
+        &self,
+        type_url: &'static str,
+        names: &BTreeSet<String>,
+    ) -> (Arc<PushContext>, Arc<ResourceSet>) {
         let push = self.shared.current.load_full();
         let _permit = self.shared.gen_permits.acquire().await;
         let proxy = self.proxy.as_ref().unwrap_or_else(|| unreachable!("pushes start after init"));
@@ -464,7 +508,7 @@ impl Conn {
             // Never a secret to an unauthenticated proxy.
             return (push, Arc::new(ResourceSet::new()));
         }
-        let set = generators::generate(&push, proxy, type_url);
+        let set = generators::generate_named(&push, proxy, type_url, names);
         (push, set)
     }
 
@@ -479,9 +523,15 @@ impl Conn {
 
 impl Conn {
     async fn sotw_respond(&mut self, type_url: &'static str, only: Option<&BTreeSet<String>>) -> Result<(), Status> {
-        let (push, set) = self.resources(type_url).await;
+        let empty = BTreeSet::new();
+        let names = self.sotw.get(type_url).map_or(&empty, |w| &w.names);
+        let (push, set) = self.resources(type_url, names).await;
+        let by_name = self
+            .proxy
+            .as_ref()
+            .is_some_and(|p| generators::grpc::by_name(p, type_url, names));
         let watch = self.sotw.entry(type_url).or_default();
-        let resources: Vec<&Resource> = if types::is_wildcard_type(type_url) {
+        let resources: Vec<&Resource> = if !by_name {
             set.values().map(|r| r.as_ref()).collect()
         } else {
             watch
@@ -569,9 +619,10 @@ impl Handles<DiscoveryRequest> for Conn {
             .copied()
             .filter(|t| self.sotw.get(t).is_some_and(|w| w.nonce_sent.is_some()))
             .collect();
+        let full = self.push_is_full(&p);
         let push = self.shared.current.load_full();
         for t in watched {
-            if p.full {
+            if full {
                 self.sotw_respond(t, None).await?;
             } else if t == types::ENDPOINT && !p.hosts.is_empty() {
                 let changed = push.changed_eds_names();
@@ -595,7 +646,9 @@ impl Conn {
     /// Sends what the client lacks of `type_url` (changed or new resources, removals). `force`
     /// answers even when there is nothing to say (initial requests must be answered).
     async fn delta_respond(&mut self, type_url: &'static str, force: bool) -> Result<(), Status> {
-        let (push, set) = self.resources(type_url).await;
+        let empty = BTreeSet::new();
+        let names = self.delta.get(type_url).map_or(&empty, |w| &w.subscribed);
+        let (push, set) = self.resources(type_url, names).await;
         let watch = self.delta.entry(type_url).or_default();
         let wanted: Vec<&Arc<Resource>> = if watch.wildcard {
             set.values().collect()
@@ -703,8 +756,9 @@ impl Handles<DeltaDiscoveryRequest> for Conn {
             .copied()
             .filter(|t| self.delta.contains_key(t))
             .collect();
+        let full = self.push_is_full(&p);
         for t in watched {
-            if p.full || (t == types::ENDPOINT && !p.hosts.is_empty()) {
+            if full || (t == types::ENDPOINT && !p.hosts.is_empty()) {
                 // Unchanged resources keep their content versions and are not resent.
                 self.delta_respond(t, false).await?;
             }

@@ -80,7 +80,7 @@ fn eds_cluster(name: String, http2: bool) -> Cluster {
     c
 }
 
-fn service_clusters(push: &PushContext, svc: &Service, out: &mut ResourceSet) {
+fn service_clusters(push: &PushContext, svc: &Service, out: &mut ResourceSet, tls: bool) {
     let dr = destination_rule(push, &svc.hostname);
     for port in &svc.ports {
         let http2 = matches!(
@@ -93,16 +93,20 @@ fn service_clusters(push: &PushContext, svc: &Service, out: &mut ResourceSet) {
         }
         for subset in subsets {
             let name = names::outbound(port.port, &subset, &svc.hostname);
-            let c = eds_cluster(name.clone(), http2);
+            let mut c = eds_cluster(name.clone(), http2);
+            // DestinationRule client TLS (Envoy only: proxyless gRPC has its own TLS config).
+            if tls && let Some(dr) = dr {
+                c.transport_socket = super::upstream_tls::transport_socket(push, svc, port.port, &subset, &dr.spec);
+            }
             out.insert(name.clone(), Arc::new(Resource::new(&name, types::CLUSTER, &c)));
         }
     }
 }
 
-pub fn generate(push: &PushContext, _proxy: &ProxyInfo) -> ResourceSet {
+pub fn generate(push: &PushContext, proxy: &ProxyInfo) -> ResourceSet {
     let mut out = ResourceSet::new();
     for svc in push.snapshot.services.values() {
-        service_clusters(push, svc, &mut out);
+        service_clusters(push, svc, &mut out, !proxy.is_grpc());
     }
     out
 }

@@ -3,8 +3,13 @@
 
 pub mod cds;
 pub mod eds;
+pub mod grpc;
 pub mod names;
+pub mod router;
+pub mod sidecar;
+pub mod upstream_tls;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use super::node::ProxyInfo;
@@ -16,8 +21,31 @@ use super::types;
 /// the others every resource the proxy could ask for (the connection filters by name).
 pub fn generate(push: &PushContext, proxy: &ProxyInfo, type_url: &str) -> Arc<ResourceSet> {
     match type_url {
+        // Gateways: listeners, routes and credentials from Gateway/VirtualService config.
+        types::LISTENER | types::ROUTE | types::SECRET if proxy.kind == super::node::ProxyKind::Router => {
+            router::generate(push, proxy, type_url)
+        }
         types::CLUSTER => push.cached(type_url, cds::class_key(proxy), || cds::generate(push, proxy)),
         types::ENDPOINT => push.endpoints(),
         _ => Arc::new(ResourceSet::new()),
     }
+}
+
+/// [`generate`] for a connection that subscribed to `names`: proxyless gRPC gets its listeners and
+/// routes per requested name (grpc.rs), sidecars Istio's sidecar layout (sidecar.rs); everything
+/// else (gateways, EDS, gRPC's CDS) is [`generate`].
+pub fn generate_named(
+    push: &PushContext,
+    proxy: &ProxyInfo,
+    type_url: &str,
+    names: &BTreeSet<String>,
+) -> Arc<ResourceSet> {
+    let own = if proxy.is_grpc() {
+        grpc::generate(push, proxy, type_url, names)
+    } else if proxy.kind == super::node::ProxyKind::Sidecar {
+        sidecar::generate(push, proxy, type_url)
+    } else {
+        None
+    };
+    own.unwrap_or_else(|| generate(push, proxy, type_url))
 }
