@@ -463,3 +463,94 @@ async fn an_unresponsive_remote_cluster_delays_readiness_only_until_the_timeout(
     .unwrap();
     remote.clear_faults();
 }
+
+#[tokio::test]
+async fn remote_secret_updates_rebuild_only_on_kubeconfig_change_and_duplicates_are_skipped() {
+    let m = mesh(|a| a.root_cert_configmaps = false).await;
+    let cluster3 = fake("127.0.0.4", "cluster3").await;
+    cluster3.ensure_namespace("istio-system").unwrap();
+    let reader2 = m.remote.reader_token("istio-reader-service-account").unwrap();
+    let reader3 = cluster3.reader_token("istio-reader-service-account").unwrap();
+    let kc2 = m.remote.kubeconfig(&reader2);
+    // One Secret may hold several clusters; a key equal to our own id is ignored.
+    let mut secret = remote_secret(
+        "istio-remote-secret-many",
+        &[
+            ("cluster2", kc2.clone()),
+            ("cluster3", cluster3.kubeconfig(&reader3)),
+            ("cluster1", kc2.clone()),
+        ],
+    );
+    m.primary.apply(secret.clone()).unwrap();
+    let clusters = Arc::clone(&m.meshd.m().clusters);
+    eventually(
+        "cluster2 and cluster3 registered",
+        Duration::from_secs(20),
+        async || clusters.remote("cluster2").is_some() && clusters.remote("cluster3").is_some(),
+    )
+    .await;
+    assert!(
+        clusters.remote("cluster1").is_none(),
+        "our own id never becomes a remote cluster"
+    );
+    let c3_token = cluster3
+        .mint_token("istio-system", GW_SA, &["istio-ca"], Duration::from_secs(600), None)
+        .unwrap();
+    m.csr(&c3_token, "cluster3").await.unwrap();
+    let before = clusters.remote("cluster2").unwrap();
+
+    // A metadata-only update keeps the client; a changed kubeconfig rebuilds it.
+    secret["metadata"]["annotations"]["touched"] = json!("yes");
+    m.primary.apply(secret.clone()).unwrap();
+    // Drop cluster3 from the Secret as a marker that the update was processed.
+    let mut without3 = secret.clone();
+    without3["data"].as_object_mut().unwrap().remove("cluster3");
+    m.primary.apply(without3.clone()).unwrap();
+    eventually("cluster3 removed with its key", Duration::from_secs(20), async || {
+        clusters.remote("cluster3").is_none()
+    })
+    .await;
+    assert!(
+        Arc::ptr_eq(&before, &clusters.remote("cluster2").unwrap()),
+        "same kubeconfig: same client"
+    );
+
+    let reader2b = m.remote.reader_token("istio-reader-2").unwrap();
+    let mut changed = without3.clone();
+    changed["data"]["cluster2"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(m.remote.kubeconfig(&reader2b)));
+    m.primary.apply(changed).unwrap();
+    eventually(
+        "cluster2 rebuilt for the new kubeconfig",
+        Duration::from_secs(20),
+        async || clusters.remote("cluster2").is_some_and(|c| !Arc::ptr_eq(&c, &before)),
+    )
+    .await;
+
+    // Another Secret naming cluster2 is skipped: the first registration stays.
+    let current = clusters.remote("cluster2").unwrap();
+    m.primary
+        .apply(remote_secret(
+            "istio-remote-secret-dup",
+            &[("cluster2", cluster3.kubeconfig(&reader3))],
+        ))
+        .unwrap();
+    m.primary
+        .apply(remote_secret(
+            "istio-remote-secret-marker",
+            &[("cluster3", cluster3.kubeconfig(&reader3))],
+        ))
+        .unwrap();
+    eventually("marker secret processed", Duration::from_secs(20), async || {
+        clusters.remote("cluster3").is_some()
+    })
+    .await;
+    assert!(
+        Arc::ptr_eq(&current, &clusters.remote("cluster2").unwrap()),
+        "duplicate id skipped"
+    );
+    let gw = m.gateway_token("gw-9");
+    m.csr(&gw, "cluster2")
+        .await
+        .expect("cluster2 still reviewed by cluster2's API server");
+}
