@@ -226,7 +226,7 @@ struct NameUid {
 
 /// Reads a JWT segment without verifying anything: only used to route the token to the
 /// authenticator of its issuer and to explain rejections.
-fn peek_segment<T: for<'de> Deserialize<'de>>(token: &str, index: usize) -> Option<T> {
+pub(crate) fn peek_segment<T: for<'de> Deserialize<'de>>(token: &str, index: usize) -> Option<T> {
     let seg = token.split('.').nth(index)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(seg.trim_end_matches('='))

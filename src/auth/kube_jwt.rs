@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
 use futures::future::{BoxFuture, FutureExt};
 
 use super::cache::{CacheKey, CacheMetrics, ReviewCache};
@@ -94,12 +93,12 @@ impl KubeJwtAuthenticator {
 
 /// The token's `exp`, read without verification: it only ever shortens a cache entry.
 fn unverified_exp(token: &str) -> Option<SystemTime> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(v.get("exp")?.as_u64()?))
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: u64,
+    }
+    let e: Exp = super::jwt::peek_segment(token, 1)?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(e.exp))
 }
 
 async fn review_once(

@@ -47,16 +47,38 @@ struct Metrics {
 impl Metrics {
     fn register(r: &Registry) -> Self {
         Self {
-            connected: r.gauge_vec("pilot_xds", "Number of endpoints connected to this pilot using XDS.", &["version"]).with(&["meshd"]),
-            pushes: r.counter_vec("pilot_xds_pushes", "Pilot build and send errors for lds, rds, cds and eds.", &["type"]),
-            rejects: r.counter_vec("pilot_total_xds_rejects", "Total number of XDS responses from pilot rejected by proxy.", &["type"]),
-            expired_nonce: r.counter_vec("pilot_xds_expired_nonce", "Total number of XDS requests with an expired nonce.", &["type"]),
+            connected: r
+                .gauge_vec(
+                    "pilot_xds",
+                    "Number of endpoints connected to this pilot using XDS.",
+                    &["version"],
+                )
+                .with(&["meshd"]),
+            pushes: r.counter_vec(
+                "pilot_xds_pushes",
+                "Pilot build and send errors for lds, rds, cds and eds.",
+                &["type"],
+            ),
+            rejects: r.counter_vec(
+                "pilot_total_xds_rejects",
+                "Total number of XDS responses from pilot rejected by proxy.",
+                &["type"],
+            ),
+            expired_nonce: r.counter_vec(
+                "pilot_xds_expired_nonce",
+                "Total number of XDS requests with an expired nonce.",
+                &["type"],
+            ),
             convergence: r.histogram(
                 "pilot_proxy_convergence_time",
                 "Delay in seconds between config change and a proxy receiving all required configuration.",
                 &[0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0],
             ),
-            errors: r.counter_vec("meshd_xds_stream_errors", "xDS streams refused or ended with an error, by gRPC code.", &["code"]),
+            errors: r.counter_vec(
+                "meshd_xds_stream_errors",
+                "xDS streams refused or ended with an error, by gRPC code.",
+                &["code"],
+            ),
         }
     }
 }
@@ -163,7 +185,14 @@ impl XdsServer {
 
     /// Debug state of every connection.
     pub fn connections(&self) -> Vec<ConnStatus> {
-        let conns: Vec<Arc<ConnSlot>> = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let conns: Vec<Arc<ConnSlot>> = self
+            .shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         let mut out: Vec<ConnStatus> = conns
             .iter()
             .map(|c| c.status.lock().unwrap_or_else(|e| e.into_inner()).clone())
@@ -179,7 +208,14 @@ impl PushTarget for XdsServer {
         let ctx = Arc::new(PushContext::next(&prev, snapshot, change.clone()));
         tracing::debug!(version = %ctx.version, full = change.full, hosts = change.endpoint_hosts.len(), "push");
         self.shared.current.store(ctx);
-        let conns: Vec<Arc<ConnSlot>> = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let conns: Vec<Arc<ConnSlot>> = self
+            .shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for c in conns {
             let mut p = c.pending.lock().unwrap_or_else(|e| e.into_inner());
             match p.as_mut() {
@@ -426,7 +462,11 @@ impl Conn {
         if self.proxy.is_some() {
             self.shared.metrics.connected.dec();
         }
-        self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.shared
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 
     /// First request: node, identity check, registration for pushes.
@@ -477,8 +517,7 @@ impl Conn {
         if p.full || inbound_changed {
             self.inbound = Some(generators::sidecar::inbound_sig(&push, proxy, None));
         }
-        let _ = inbound_changed;
-        p.full
+        p.full || inbound_changed
     }
 
     fn status(&self, type_url: &'static str, f: impl FnOnce(&mut TypeStatus)) {
@@ -503,7 +542,10 @@ impl Conn {
     ) -> (Arc<PushContext>, Arc<ResourceSet>) {
         let push = self.shared.current.load_full();
         let _permit = self.shared.gen_permits.acquire().await;
-        let proxy = self.proxy.as_ref().unwrap_or_else(|| unreachable!("pushes start after init"));
+        let proxy = self
+            .proxy
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("pushes start after init"));
         if type_url == types::SECRET && (!self.secure || self.identity.is_none()) {
             // Never a secret to an unauthenticated proxy.
             return (push, Arc::new(ResourceSet::new()));
@@ -512,8 +554,38 @@ impl Conn {
         (push, set)
     }
 
+    /// Steps every request takes before the protocol rules: health probes are skipped, the
+    /// first request initialises the connection, the type must be known, and a NACK is recorded
+    /// and never answered. Returns the type to handle, or `None` when the request is done.
+    fn preamble(
+        &mut self,
+        type_url: &str,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+        error_detail: Option<&envoy_types::pb::google::rpc::Status>,
+    ) -> Result<Option<&'static str>, Status> {
+        if type_url == types::HEALTH_INFO {
+            return Ok(None);
+        }
+        self.init(node)?;
+        if type_url.is_empty() {
+            return Err(Status::invalid_argument("type_url is required on an ADS stream"));
+        }
+        let Some(t) = type_static(type_url) else {
+            tracing::debug!(conn = self.id, r#type = %type_url, "no generator for this type; not answering");
+            return Ok(None);
+        };
+        if let Some(err) = error_detail {
+            self.record_nack(t, &err.message);
+            return Ok(None);
+        }
+        Ok(Some(t))
+    }
+
     async fn send(&self, bytes: Bytes) -> Result<(), Status> {
-        self.tx.send(Ok(bytes)).await.map_err(|_| Status::cancelled("client went away"))
+        self.tx
+            .send(Ok(bytes))
+            .await
+            .map_err(|_| Status::cancelled("client went away"))
     }
 }
 
@@ -559,21 +631,9 @@ impl Conn {
 
 impl Handles<DiscoveryRequest> for Conn {
     async fn handle(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        if req.type_url == types::HEALTH_INFO {
-            return Ok(());
-        }
-        self.init(req.node.as_ref())?;
-        if req.type_url.is_empty() {
-            return Err(Status::invalid_argument("type_url is required on an ADS stream"));
-        }
-        let Some(type_url) = type_static(&req.type_url) else {
-            tracing::debug!(conn = self.id, r#type = %req.type_url, "no generator for this type; not answering");
+        let Some(type_url) = self.preamble(&req.type_url, req.node.as_ref(), req.error_detail.as_ref())? else {
             return Ok(());
         };
-        if let Some(err) = &req.error_detail {
-            self.record_nack(type_url, &err.message);
-            return Ok(());
-        }
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let wildcard = types::is_wildcard_type(type_url);
         let known = self.sotw.get(type_url).map(|w| w.nonce_sent.clone());
@@ -608,7 +668,8 @@ impl Handles<DiscoveryRequest> for Conn {
                     return Ok(()); // only removals (or an unsubscribe): nothing to send
                 }
                 let grpc = self.proxy.as_ref().is_some_and(|p| p.is_grpc());
-                self.sotw_respond(type_url, if grpc { None } else { Some(&added) }).await
+                self.sotw_respond(type_url, if grpc { None } else { Some(&added) })
+                    .await
             }
         }
     }
@@ -626,14 +687,21 @@ impl Handles<DiscoveryRequest> for Conn {
                 self.sotw_respond(t, None).await?;
             } else if t == types::ENDPOINT && !p.hosts.is_empty() {
                 let changed = push.changed_eds_names();
-                let mine: BTreeSet<String> = self.sotw.get(t).map(|w| w.names.intersection(&changed).cloned().collect()).unwrap_or_default();
+                let mine: BTreeSet<String> = self
+                    .sotw
+                    .get(t)
+                    .map(|w| w.names.intersection(&changed).cloned().collect())
+                    .unwrap_or_default();
                 if !mine.is_empty() {
                     // Partial EDS: Envoy keeps assignments a response does not mention.
                     self.sotw_respond(t, Some(&mine)).await?;
                 }
             }
         }
-        self.shared.metrics.convergence.observe(p.started.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .convergence
+            .observe(p.started.elapsed().as_secs_f64());
         Ok(())
     }
 }
@@ -693,21 +761,9 @@ impl Conn {
 
 impl Handles<DeltaDiscoveryRequest> for Conn {
     async fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if req.type_url == types::HEALTH_INFO {
-            return Ok(());
-        }
-        self.init(req.node.as_ref())?;
-        if req.type_url.is_empty() {
-            return Err(Status::invalid_argument("type_url is required on an ADS stream"));
-        }
-        let Some(type_url) = type_static(&req.type_url) else {
-            tracing::debug!(conn = self.id, r#type = %req.type_url, "no generator for this type; not answering");
+        let Some(type_url) = self.preamble(&req.type_url, req.node.as_ref(), req.error_detail.as_ref())? else {
             return Ok(());
         };
-        if let Some(err) = &req.error_detail {
-            self.record_nack(type_url, &err.message);
-            return Ok(());
-        }
         let first = !self.delta.contains_key(type_url);
         if !first {
             let sent = self.delta.get(type_url).and_then(|w| w.nonce_sent.clone());
@@ -763,7 +819,10 @@ impl Handles<DeltaDiscoveryRequest> for Conn {
                 self.delta_respond(t, false).await?;
             }
         }
-        self.shared.metrics.convergence.observe(p.started.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .convergence
+            .observe(p.started.elapsed().as_secs_f64());
         Ok(())
     }
 }
