@@ -231,6 +231,8 @@ impl ServeArgs {
             ready_addr: any,
             ca_key_type: KeyType::EcdsaP256,
             standalone: true,
+            // Tests stop servers with streams still open; do not wait the production 10 s.
+            shutdown_duration: Duration::from_secs(1),
             ..Self::default()
         }
     }
