@@ -232,9 +232,15 @@ http:
   unknownField: ignored
 "#;
         let vs: VirtualServiceSpec = serde_yaml::from_str(yaml).unwrap();
-        assert_eq!(vs.http[0].matches[0].uri.as_ref().unwrap().prefix.as_deref(), Some("/v2"));
+        assert_eq!(
+            vs.http[0].matches[0].uri.as_ref().unwrap().prefix.as_deref(),
+            Some("/v2")
+        );
         assert_eq!(vs.http[0].route[0].weight, Some(90));
-        assert_eq!(vs.http[0].retries.as_ref().unwrap().per_try_timeout.as_deref(), Some("1s"));
+        assert_eq!(
+            vs.http[0].retries.as_ref().unwrap().per_try_timeout.as_deref(),
+            Some("1s")
+        );
         assert_eq!(vs.http[0].route[0].destination.port.as_ref().unwrap().number, 8080);
     }
 }

@@ -138,6 +138,9 @@ mod tests {
 
     #[test]
     fn hostname() {
-        assert_eq!(ServiceKey::new("default", "echo").hostname(), "echo.default.svc.cluster.local");
+        assert_eq!(
+            ServiceKey::new("default", "echo").hostname(),
+            "echo.default.svc.cluster.local"
+        );
     }
 }

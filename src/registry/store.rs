@@ -117,7 +117,9 @@ pub struct MeshStore {
 
 impl std::fmt::Debug for MeshStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshStore").field("version", &self.current.load().version).finish()
+        f.debug_struct("MeshStore")
+            .field("version", &self.current.load().version)
+            .finish()
     }
 }
 
@@ -180,7 +182,9 @@ impl MeshStore {
 
     pub fn remove_service(&self, cluster: &str, key: &ServiceKey) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(shard) = inner.shards.get_mut(cluster) else { return };
+        let Some(shard) = inner.shards.get_mut(cluster) else {
+            return;
+        };
         if shard.services.remove(key).is_some() {
             self.record(&mut inner, Change::full("service-delete"));
         }
@@ -257,7 +261,12 @@ impl MeshStore {
 
 fn sort_endpoints(e: &mut [Endpoint]) {
     e.sort_by(|a, b| {
-        (&a.cluster_id, a.address, &a.service_port_name, a.port).cmp(&(&b.cluster_id, b.address, &b.service_port_name, b.port))
+        (&a.cluster_id, a.address, &a.service_port_name, a.port).cmp(&(
+            &b.cluster_id,
+            b.address,
+            &b.service_port_name,
+            b.port,
+        ))
     });
 }
 
@@ -373,7 +382,13 @@ mod tests {
         assert!(c.full);
         let snap = store.snapshot();
         assert_eq!(snap.endpoints("echo.default.svc.cluster.local").len(), 2);
-        assert_eq!(snap.service("echo.default.svc.cluster.local").unwrap().cluster_ips.len(), 2);
+        assert_eq!(
+            snap.service("echo.default.svc.cluster.local")
+                .unwrap()
+                .cluster_ips
+                .len(),
+            2
+        );
 
         store.set_endpoints(
             "cluster2",
@@ -403,7 +418,10 @@ mod tests {
         assert!(store.take_changes().full);
         let v = store.snapshot().version;
         store.replace_cluster("c1", shard.clone());
-        assert!(store.take_changes().is_empty(), "a relist with the same content changes nothing");
+        assert!(
+            store.take_changes().is_empty(),
+            "a relist with the same content changes nothing"
+        );
         assert_eq!(store.snapshot().version, v, "no new version without a change");
         store.remove_cluster("c1");
         assert!(store.take_changes().full);

@@ -59,7 +59,9 @@ fn string(v: &Value) -> Option<String> {
 }
 
 fn field(md: Option<&Struct>, key: &str) -> Option<String> {
-    md.and_then(|m| m.fields.get(key)).and_then(string).filter(|s| !s.is_empty())
+    md.and_then(|m| m.fields.get(key))
+        .and_then(string)
+        .filter(|s| !s.is_empty())
 }
 
 /// Parses the node of a first request.
@@ -152,7 +154,14 @@ mod tests {
             metadata: Some(Struct {
                 fields: md
                     .iter()
-                    .map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) }))
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            Value {
+                                kind: Some(Kind::StringValue(v.to_string())),
+                            },
+                        )
+                    })
                     .collect(),
             }),
             ..Default::default()
@@ -170,14 +179,24 @@ mod tests {
         assert_eq!(p.namespace, "istio-system");
         assert_eq!(p.cluster_id, "cluster2");
         assert_eq!(p.ips, vec!["10.1.2.9".parse::<IpAddr>().unwrap()]);
-        assert!(matches!(parse(Some(&node("sidecar~1.2.3.4~x", &[]))), Err(NodeError::Parts(_))));
+        assert!(matches!(
+            parse(Some(&node("sidecar~1.2.3.4~x", &[]))),
+            Err(NodeError::Parts(_))
+        ));
         assert_eq!(parse(None), Err(NodeError::Missing));
-        assert!(matches!(parse(Some(&node("sidecar~nope~x.y~y.svc", &[]))), Err(NodeError::NoIp(_))));
+        assert!(matches!(
+            parse(Some(&node("sidecar~nope~x.y~y.svc", &[]))),
+            Err(NodeError::NoIp(_))
+        ));
     }
 
     #[test]
     fn identity_must_match_namespace_and_service_account() {
-        let p = parse(Some(&node("router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local", &[("SERVICE_ACCOUNT", "gw")]))).unwrap();
+        let p = parse(Some(&node(
+            "router~10.0.0.1~gw.istio-system~istio-system.svc.cluster.local",
+            &[("SERVICE_ACCOUNT", "gw")],
+        )))
+        .unwrap();
         let id = |ns: &str, sa: &str| Identity {
             spiffe: SpiffeId::new("cluster.local", ns, sa),
             source: AuthSource::ClientCertificate,

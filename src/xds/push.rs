@@ -53,7 +53,11 @@ impl std::fmt::Debug for PushContext {
 }
 
 fn static_type(type_url: &str) -> &'static str {
-    types::PUSH_ORDER.iter().find(|t| **t == type_url).copied().unwrap_or("other")
+    types::PUSH_ORDER
+        .iter()
+        .find(|t| **t == type_url)
+        .copied()
+        .unwrap_or("other")
 }
 
 impl PushContext {
@@ -101,7 +105,13 @@ impl PushContext {
         }
         // Generated outside the lock: two proxies racing may both build it; both results are equal.
         let v = Arc::new(f());
-        Arc::clone(self.cache.lock().unwrap_or_else(|e| e.into_inner()).entry(k).or_insert(v))
+        Arc::clone(
+            self.cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(k)
+                .or_insert(v),
+        )
     }
 
     fn host_eds(&self, host: &str) -> Arc<Vec<Arc<Resource>>> {

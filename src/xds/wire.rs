@@ -161,7 +161,10 @@ mod tests {
         assert_eq!(d.type_url, super::super::types::ENDPOINT);
         assert_eq!(d.resources.len(), 2);
         assert_eq!(d.resources[1].type_url, super::super::types::ENDPOINT);
-        let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(d.resources[1].value.as_slice()).unwrap();
+        let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+            d.resources[1].value.as_slice(),
+        )
+        .unwrap();
         assert_eq!(cla.cluster_name, "b");
     }
 
@@ -173,7 +176,10 @@ mod tests {
         assert_eq!(d.system_version_info, "v2");
         assert_eq!(d.resources[0].name, "a");
         assert_eq!(d.resources[0].version, a.version);
-        assert_eq!(d.resources[0].resource.as_ref().unwrap().type_url, super::super::types::ENDPOINT);
+        assert_eq!(
+            d.resources[0].resource.as_ref().unwrap().type_url,
+            super::super::types::ENDPOINT
+        );
         assert_eq!(d.removed_resources, vec!["gone".to_string()]);
     }
 }

@@ -477,6 +477,10 @@ CSR_ERR = 'citadel_server_csr_sign_err_count{error="CSR_ERROR"}'
 
 
 def test_ready_endpoints(meshd):
+    # Listeners are logged when bound; readiness follows once every server runs.
+    deadline = time.monotonic() + 10
+    while meshd.http_get("ready", "/ready")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert meshd.http_get("ready", "/ready") == (200, "ready\n")
     assert meshd.http_get("monitoring", "/ready") == (200, "ready\n")
     status, _ = meshd.http_get("ready", "/metrics")

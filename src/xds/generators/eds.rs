@@ -33,7 +33,13 @@ fn lb_endpoint(e: &model::Endpoint) -> LbEndpoint {
 }
 
 /// The ClusterLoadAssignment of one cluster name.
-pub fn assignment(name: &str, svc: &Service, endpoints: &[model::Endpoint], subset_labels: Option<&BTreeMap<String, String>>, port: u16) -> ClusterLoadAssignment {
+pub fn assignment(
+    name: &str,
+    svc: &Service,
+    endpoints: &[model::Endpoint],
+    subset_labels: Option<&BTreeMap<String, String>>,
+    port: u16,
+) -> ClusterLoadAssignment {
     let port_name = svc.port(port).map(|p| p.name.as_str()).unwrap_or_default();
     let mut by_locality: BTreeMap<&model::Locality, Vec<LbEndpoint>> = BTreeMap::new();
     for e in endpoints {
@@ -57,7 +63,9 @@ pub fn assignment(name: &str, svc: &Service, endpoints: &[model::Endpoint], subs
                     zone: loc.zone.clone(),
                     sub_zone: loc.subzone.clone(),
                 }),
-                load_balancing_weight: Some(UInt32Value { value: eps.len() as u32 }),
+                load_balancing_weight: Some(UInt32Value {
+                    value: eps.len() as u32,
+                }),
                 lb_endpoints: eps,
                 ..Default::default()
             })
@@ -68,13 +76,19 @@ pub fn assignment(name: &str, svc: &Service, endpoints: &[model::Endpoint], subs
 
 /// Every EDS resource of one host (all ports, all subsets).
 pub fn host_resources(push: &PushContext, host: &str) -> Vec<Arc<Resource>> {
-    let Some(svc) = push.snapshot.service(host) else { return Vec::new() };
+    let Some(svc) = push.snapshot.service(host) else {
+        return Vec::new();
+    };
     let endpoints = push.snapshot.endpoints(host);
     let dr = cds::destination_rule(push, host);
     let mut out = Vec::new();
     for port in &svc.ports {
         let name = names::outbound(port.port, "", host);
-        out.push(Arc::new(Resource::new(&name, types::ENDPOINT, &assignment(&name, svc, endpoints, None, port.port))));
+        out.push(Arc::new(Resource::new(
+            &name,
+            types::ENDPOINT,
+            &assignment(&name, svc, endpoints, None, port.port),
+        )));
         for subset in dr.map(|d| d.spec.subsets.as_slice()).unwrap_or_default() {
             let name = names::outbound(port.port, &subset.name, host);
             let cla = assignment(&name, svc, endpoints, Some(&subset.labels), port.port);

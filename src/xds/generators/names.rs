@@ -48,7 +48,10 @@ mod tests {
     fn short_hosts_resolve_in_the_config_namespace() {
         assert_eq!(resolve_host("echo", "default"), "echo.default.svc.cluster.local");
         assert_eq!(resolve_host("echo.other", "default"), "echo.other.svc.cluster.local");
-        assert_eq!(resolve_host("echo.other.svc.cluster.local", "default"), "echo.other.svc.cluster.local");
+        assert_eq!(
+            resolve_host("echo.other.svc.cluster.local", "default"),
+            "echo.other.svc.cluster.local"
+        );
         assert_eq!(resolve_host("www.example.com", "default"), "www.example.com");
     }
 }
