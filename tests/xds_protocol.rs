@@ -416,3 +416,161 @@ async fn versions_and_nonces_differ_across_restarts() {
     assert_ne!(versions[0].0, versions[1].0);
     assert_ne!(versions[0].1, versions[1].1);
 }
+
+const SDS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+fn https_gateway() -> meshd::registry::istio::IstioConfig {
+    use meshd::registry::istio::*;
+    IstioConfig {
+        gateways: vec![Config {
+            meta: ConfigMeta {
+                name: "ingress".into(),
+                namespace: "istio-system".into(),
+            },
+            spec: GatewaySpec {
+                selector: [("istio".to_string(), "ingressgateway".to_string())].into(),
+                servers: vec![GatewayServer {
+                    port: GatewayPort {
+                        number: 8443,
+                        name: "https".into(),
+                        protocol: "HTTPS".into(),
+                        ..Default::default()
+                    },
+                    hosts: vec!["*".into()],
+                    tls: Some(ServerTls {
+                        mode: Some("SIMPLE".into()),
+                        credential_name: Some("gw-cred".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+            },
+        }],
+        ..Default::default()
+    }
+}
+
+fn labelled_gateway_node() -> Node {
+    let mut n = gateway_node();
+    n.metadata.as_mut().unwrap().fields.insert(
+        "LABELS".into(),
+        Value {
+            kind: Some(Kind::StructValue(Struct {
+                fields: [(
+                    "istio".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue("ingressgateway".into())),
+                    },
+                )]
+                .into(),
+            })),
+        },
+    );
+    n
+}
+
+#[tokio::test]
+async fn secrets_go_only_to_authenticated_gateways_never_on_the_plaintext_port() {
+    use meshd::xds::generators::router::{StaticSecrets, TlsSecret};
+    let t = start().await;
+    let secrets = StaticSecrets::new(None);
+    let cert = rcgen::generate_simple_self_signed(vec!["gw.example.com".into()]).unwrap();
+    secrets.insert(
+        "cluster2",
+        "istio-system",
+        "gw-cred",
+        TlsSecret {
+            cert_chain: cert.cert.pem().into_bytes(),
+            private_key: cert.signing_key.serialize_pem().into_bytes(),
+            ca_cert: None,
+        },
+    );
+    t.m().xds.set_secret_source(secrets);
+    t.m().mesh.set_config(https_gateway());
+    eventually("gateway config pushed", Duration::from_secs(5), async || {
+        !t.m().xds.current().snapshot.config.gateways.is_empty()
+    })
+    .await;
+
+    let mut tls = Sotw::open(t.channel().await, Some(&t.token("istio-system", "gw")))
+        .await
+        .unwrap();
+    tls.send(req(SDS, &["kubernetes://gw-cred"], "", Some(labelled_gateway_node())))
+        .await;
+    let r = tls.recv().await.unwrap();
+    assert_eq!(r.type_url, SDS);
+    assert_eq!(
+        r.resources.len(),
+        1,
+        "authenticated gateway in cluster2/istio-system gets its credential"
+    );
+
+    let mut plain = Sotw::open(plaintext(&t).await, None).await.unwrap();
+    plain
+        .send(req(SDS, &["kubernetes://gw-cred"], "", Some(labelled_gateway_node())))
+        .await;
+    let r = plain.recv().await.unwrap();
+    assert!(r.resources.is_empty(), "no secret on the plaintext port");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_never_delays_others_and_its_pushes_coalesce() {
+    let t = start().await;
+    // Large assignments so a client that stops reading fills its HTTP/2 window quickly.
+    let many: Vec<String> = (0..2000)
+        .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    let ips = |n: usize| many[..n].iter().map(String::as_str).collect::<Vec<_>>();
+    seed(&t, &ips(2000));
+    eventually("model pushed", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
+
+    // The stuck client's HTTP/2 windows are the protocol minimum, so the server feels it stop reading.
+    let small = tonic::transport::Endpoint::from_shared(format!("http://{}", t.m().addrs.plaintext))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stuck = Sotw::open(small, None).await.unwrap();
+    stuck.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
+    let first = stuck.recv().await.unwrap();
+    stuck.send(req(EDS, &[ECHO_80], &first.nonce, None)).await;
+
+    let mut live = Sotw::open(plaintext(&t).await, None).await.unwrap();
+    live.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
+    let r = live.recv().await.unwrap();
+    live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+
+    // The stuck client reads nothing from here on, while 30 endpoint changes are pushed.
+    for i in 0..30 {
+        let n = 1990 - i;
+        set_endpoints(&t, &ips(n));
+        // The live client sees every change promptly (each wait is bounded by recv's deadline).
+        loop {
+            let r = live.recv().await.unwrap();
+            live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+            if endpoint_count(&cla(&r, 0)) == n {
+                break;
+            }
+        }
+    }
+    // When the stuck client reads again it converges on the latest state, having received far
+    // fewer responses than there were pushes (the rest coalesced while it was stuck).
+    let mut received = 0;
+    loop {
+        let r = stuck.recv().await.unwrap();
+        received += 1;
+        stuck.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+        if endpoint_count(&cla(&r, 0)) == 1961 {
+            break;
+        }
+    }
+    assert!(
+        received < 30,
+        "pushes coalesced for the stuck client: received {received}"
+    );
+}
