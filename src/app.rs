@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::{Readiness, Registry, http};
@@ -479,7 +480,12 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             .add_service(reflect_v1)
             .add_service(reflect_v1alpha);
         let rx = shutdown_rx.clone();
-        let incoming = TcpListenerStream::new(plain_l);
+        // Small gRPC frames must not wait for Nagle + delayed ACK (tens of ms at p99).
+        let incoming = TcpListenerStream::new(plain_l).map(|r| {
+            r.inspect(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            })
+        });
         servers.push(tokio::spawn(async move {
             if let Err(e) = router.serve_with_incoming_shutdown(incoming, signal(rx)).await {
                 tracing::error!(listener = "grpc-plaintext", error = %e, "gRPC server stopped");

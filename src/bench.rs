@@ -292,9 +292,9 @@ pub mod raw {
     }
 
     /// Times `op` single-threaded: after a short warm-up, `rounds` rounds of about `round`
-    /// each; returns the median per-op time. CPU time is read from /proc in clock ticks, so a
-    /// round should last a few hundred milliseconds for percent-level resolution; unlike wall
-    /// time it does not grow when other processes compete for the cores.
+    /// each; returns the median per-op time. Unlike wall time, CPU time does not grow when other
+    /// processes take turns on the same core (it still does when they share its caches). When
+    /// only clock ticks are available, a round should last a few hundred milliseconds.
     pub fn time_op(mut op: impl FnMut(), rounds: usize, round: Duration) -> OpTime {
         for _ in 0..3 {
             op();
@@ -345,9 +345,9 @@ struct RawLimit {
     limit_per_cpu_s: f64,
 }
 
-/// Rounds and round length of the raw-limit timing (about 2 s per operation).
+/// Rounds and round length of the raw-limit timing (about 1.5 s per operation).
 const RAW_ROUNDS: usize = 5;
-const RAW_ROUND: Duration = Duration::from_millis(400);
+const RAW_ROUND: Duration = Duration::from_millis(300);
 
 fn measure_raw_limit(ca: KeyType, csr_pem: &str, csr_key: KeyType) -> anyhow::Result<RawLimit> {
     let signer = raw::RawSigner::generate(ca)?;
@@ -399,11 +399,29 @@ pub fn process_cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     stat_cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
-/// CPU time of the calling thread, from `/proc/thread-self/stat`.
+/// CPU time the calling thread has used: `se.sum_exec_runtime` from `/proc/thread-self/sched`
+/// (nanosecond precision; present when the kernel has CONFIG_SCHED_DEBUG), else utime+stime
+/// from `/proc/thread-self/stat` (clock ticks).
 pub fn thread_cpu_time() -> Option<Duration> {
-    stat_cpu_seconds("/proc/thread-self/stat")
+    std::fs::read_to_string("/proc/thread-self/sched")
         .ok()
-        .map(Duration::from_secs_f64)
+        .and_then(|s| sched_runtime(&s))
+        .or_else(|| {
+            stat_cpu_seconds("/proc/thread-self/stat")
+                .ok()
+                .map(Duration::from_secs_f64)
+        })
+}
+
+/// Parses `se.sum_exec_runtime : <ms>.<ns within the ms, 6 digits>` from a `sched` file.
+fn sched_runtime(sched: &str) -> Option<Duration> {
+    let line = sched.lines().find(|l| l.starts_with("se.sum_exec_runtime"))?;
+    let value = line.split(':').nth(1)?.trim();
+    let (ms, frac) = value.split_once('.').unwrap_or((value, ""));
+    let ms: u64 = ms.parse().ok()?;
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+    let ns: u64 = digits.parse().ok()?;
+    Some(Duration::from_millis(ms) + Duration::from_nanos(ns))
 }
 
 fn stat_cpu_seconds(path: &str) -> anyhow::Result<f64> {
@@ -926,6 +944,18 @@ mod tests {
             x = std::hint::black_box(x.wrapping_add(1));
         }
         assert!(thread_cpu_time().unwrap() >= before);
+    }
+
+    #[test]
+    fn sched_runtime_parses_milliseconds_with_ns() {
+        let f =
+            "x (1, #threads: 1)\n---\nse.exec_start   :   9058894.345940\nse.sum_exec_runtime     :      1.415137\n";
+        assert_eq!(sched_runtime(f), Some(Duration::from_nanos(1_415_137)));
+        assert_eq!(
+            sched_runtime("se.sum_exec_runtime : 12.5\n"),
+            Some(Duration::from_nanos(12_500_000))
+        );
+        assert_eq!(sched_runtime("nothing here"), None);
     }
 
     #[test]

@@ -164,7 +164,8 @@ pub struct ServeArgs {
     /// Entries kept in the token review cache.
     #[arg(long, default_value = "100000")]
     pub token_review_cache_size: usize,
-    /// How long a verified token is trusted without re-verification (capped by its exp).
+    /// How long a verified token is trusted without re-verification (capped by its exp); 0
+    /// remembers nothing, but identical reviews in flight at the same moment still share one call.
     #[arg(long, env = "MESHD_TOKEN_REVIEW_CACHE_TTL", default_value = "60s", value_parser = duration)]
     pub token_review_cache_ttl: Duration,
     /// Deadline for a TLS handshake on 15012.

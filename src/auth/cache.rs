@@ -158,6 +158,10 @@ impl ReviewCache {
         // Only the first finisher stores; later joiners find Done already.
         if matches!(shard.get(&key), Some(Entry::Pending(_))) {
             match &outcome {
+                // A zero TTL keeps only the coalescing: nothing is remembered.
+                Ok(_) if self.config.positive_ttl.is_zero() => {
+                    shard.remove(&key);
+                }
                 Ok((id, exp)) => {
                     let mut expires = now + self.config.positive_ttl;
                     if let Some(exp) = exp {
