@@ -21,9 +21,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::Address;
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiConfigSource, ApiVersion, BindConfig, CidrRange, ConfigSource, GrpcService,
-    Http2ProtocolOptions, SocketAddress, TrafficDirection, TransportSocket, address, api_config_source, config_source,
-    grpc_service, socket_address, transport_socket,
+    AggregatedConfigSource, ApiVersion, BindConfig, CidrRange, ConfigSource, Http2ProtocolOptions, SocketAddress,
+    TrafficDirection, TransportSocket, address, config_source, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter};
@@ -41,8 +40,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, SubjectAltNameMatcher,
-    TlsParameters, common_tls_context, subject_alt_name_matcher, tls_parameters,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher, TlsParameters,
+    common_tls_context, subject_alt_name_matcher, tls_parameters,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
@@ -404,34 +403,7 @@ pub fn host_domains(svc: &Service, port: u16, short: bool) -> Vec<String> {
 // TLS (ISTIO_MUTUAL) with certificates from the agent's SDS
 // ---------------------------------------------------------------------------------------------
 
-fn sds_source() -> ConfigSource {
-    ConfigSource {
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::ApiConfigSource(ApiConfigSource {
-            api_type: api_config_source::ApiType::Grpc as i32,
-            transport_api_version: ApiVersion::V3 as i32,
-            grpc_services: vec![GrpcService {
-                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
-                    cluster_name: SDS_CLUSTER.into(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            set_node_on_first_message_only: true,
-            ..Default::default()
-        })),
-        // As Istio: wait for the agent's certificates rather than start without them.
-        initial_fetch_timeout: Some(zero()),
-        resource_api_version: ApiVersion::V3 as i32,
-        ..Default::default()
-    }
-}
-
-fn sds(name: &str) -> SdsSecretConfig {
-    SdsSecretConfig {
-        name: name.to_string(),
-        sds_config: Some(sds_source()),
-    }
-}
+use super::upstream_tls::sds;
 
 fn common_tls(alpn: &[&str], sans: &[String]) -> CommonTlsContext {
     CommonTlsContext {

@@ -34,7 +34,9 @@ pub fn client_tls<'a>(dr: &'a DestinationRuleSpec, subset: &str) -> Option<&'a C
     sub.or_else(|| dr.traffic_policy.as_ref().and_then(|p| p.tls.as_ref()))
 }
 
-fn sds_grpc() -> ConfigSource {
+/// istio-agent's SDS server, through the `sds-grpc` cluster of the bootstrap; certificates are
+/// awaited, not skipped (`initial_fetch_timeout: 0`), as Istio configures it.
+pub(crate) fn sds_grpc() -> ConfigSource {
     ConfigSource {
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::ApiConfigSource(ApiConfigSource {
             api_type: api_config_source::ApiType::Grpc as i32,
@@ -55,7 +57,7 @@ fn sds_grpc() -> ConfigSource {
     }
 }
 
-fn sds(name: &str) -> SdsSecretConfig {
+pub(crate) fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.into(),
         sds_config: Some(sds_grpc()),
