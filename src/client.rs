@@ -166,7 +166,7 @@ pub async fn run(args: CertArgs) -> anyhow::Result<()> {
         let id = token_identity(&t, &args.trust_domain);
         (Some(t), id)
     } else if let (Some(ns), Some(sa)) = (&args.namespace, &args.service_account) {
-        let issuer = LocalIssuer::load_or_create(&args.data_dir)?;
+        let issuer = LocalIssuer::load_existing(&args.data_dir)?;
         let t = issuer.mint(
             ns,
             sa,

@@ -28,6 +28,8 @@ pub enum IssuerError {
     },
     #[error("issuer key {path} is invalid: {reason}")]
     BadKey { path: PathBuf, reason: String },
+    #[error("no standalone issuer key at {0}; point --data-dir at the data dir of the running meshd")]
+    NoKey(PathBuf),
     #[error("generating the issuer key: {0}")]
     Generate(String),
     #[error("signing the token: {0}")]
@@ -104,6 +106,16 @@ impl LocalIssuer {
         // Published for external verifiers; failing to write it does not stop meshd.
         let _ = fsutil::write_atomic(&jwks_path, issuer.jwks_json.as_bytes(), 0o644);
         Ok(issuer)
+    }
+
+    /// Loads an existing issuer key, for clients (`meshd cert`) that must use the key of a running
+    /// meshd rather than create a new one nobody trusts.
+    pub fn load_existing(data_dir: &Path) -> Result<Self, IssuerError> {
+        let path = key_path(data_dir);
+        if !path.exists() {
+            return Err(IssuerError::NoKey(path));
+        }
+        Self::load_or_create(data_dir)
     }
 
     /// A throwaway issuer (tests, benchmarks).
