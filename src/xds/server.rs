@@ -581,6 +581,26 @@ impl Conn {
         Ok(Some(t))
     }
 
+    /// Sends a response and records it: the push metric and the debug state (`/debug/syncz`).
+    async fn send_recorded(
+        &self,
+        type_url: &'static str,
+        bytes: Bytes,
+        nonce: String,
+        version: &str,
+        resources: usize,
+    ) -> Result<(), Status> {
+        self.send(bytes).await?;
+        self.shared.metrics.pushes.with(&[types::short(type_url)]).inc();
+        let version = version.to_string();
+        self.status(type_url, |s| {
+            s.nonce_sent = Some(nonce);
+            s.version_sent = Some(version);
+            s.resources_sent = resources;
+        });
+        Ok(())
+    }
+
     async fn send(&self, bytes: Bytes) -> Result<(), Status> {
         self.tx
             .send(Ok(bytes))
@@ -617,15 +637,7 @@ impl Conn {
         let bytes = wire::sotw_response(&push.version, type_url, &nonce, &resources);
         let count = resources.len();
         watch.nonce_sent = Some(nonce.clone());
-        self.send(bytes).await?;
-        self.shared.metrics.pushes.with(&[types::short(type_url)]).inc();
-        let version = push.version.clone();
-        self.status(type_url, |s| {
-            s.nonce_sent = Some(nonce);
-            s.version_sent = Some(version);
-            s.resources_sent = count;
-        });
-        Ok(())
+        self.send_recorded(type_url, bytes, nonce, &push.version, count).await
     }
 }
 
@@ -747,15 +759,7 @@ impl Conn {
         watch.nonce_sent = Some(nonce.clone());
         let bytes = wire::delta_response(&push.version, type_url, &nonce, &changed, &removed);
         let count = watch.sent.len();
-        self.send(bytes).await?;
-        self.shared.metrics.pushes.with(&[types::short(type_url)]).inc();
-        let version = push.version.clone();
-        self.status(type_url, |s| {
-            s.nonce_sent = Some(nonce);
-            s.version_sent = Some(version);
-            s.resources_sent = count;
-        });
-        Ok(())
+        self.send_recorded(type_url, bytes, nonce, &push.version, count).await
     }
 }
 
