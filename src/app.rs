@@ -67,9 +67,12 @@ impl Meshd {
         self.data_dir.join("root-cert.pem")
     }
 
-    /// Stops accepting, lets open calls finish for up to `--shutdown-duration`, then stops.
+    /// Stops accepting, sends GOAWAY, ends the ADS streams (their proxies reconnect to another
+    /// replica), lets open unary calls finish for up to `--shutdown-duration`, then stops.
     pub async fn shutdown(mut self) {
+        self.readiness.set("grpc", false);
         let _ = self.shutdown.send(true);
+        self.xds.close_streams();
         let deadline = tokio::time::Instant::now() + self.shutdown_duration;
         for s in self.servers.drain(..) {
             let abort = s.abort_handle();
@@ -204,6 +207,21 @@ async fn local_kube_client(args: &ServeArgs) -> anyhow::Result<Option<kube::Clie
         return Ok(Some(kube::Client::try_from(config)?));
     }
     Ok(None)
+}
+
+/// The gRPC server settings both ports share: connection age (moves long-lived xDS streams
+/// between replicas) and keepalive, as istiod's chart sets them.
+fn grpc_server(args: &ServeArgs) -> tonic::transport::Server {
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+    let mut b = tonic::transport::Server::builder()
+        .http2_keepalive_interval(nonzero(args.grpc_keepalive_interval))
+        .http2_keepalive_timeout(nonzero(args.grpc_keepalive_timeout));
+    if let Some(age) = nonzero(args.max_connection_age) {
+        b = b
+            .max_connection_age(age)
+            .max_connection_age_grace(args.max_connection_age_grace);
+    }
+    b
 }
 
 /// Readiness of remote clusters: listed, and each answered, failed or timed out.
@@ -453,7 +471,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let (_reporter, health) = crate::grpc::health(&[CA_SERVICE_NAME]).await;
         let ca = IstioCertificateServiceServer::new(CaService::new(Arc::clone(&auth), signer, ca_metrics.clone()))
             .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
-        let router = tonic::transport::Server::builder()
+        let router = grpc_server(&args)
             .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
             .add_service(xds.service(true))
@@ -472,7 +490,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let (_reporter, health) = crate::grpc::health(&[CA_SERVICE_NAME]).await;
         let ca = IstioCertificateServiceServer::new(PlaintextCaRefusal::new(ca_metrics))
             .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
-        let router = tonic::transport::Server::builder()
+        let router = grpc_server(&args)
             .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
             .add_service(xds.service(false))

@@ -174,6 +174,19 @@ pub struct ServeArgs {
     /// Time given to open streams to finish after SIGTERM.
     #[arg(long, env = "MESHD_SHUTDOWN_DURATION", default_value = "10s", value_parser = duration)]
     pub shutdown_duration: Duration,
+    /// Age after which a gRPC connection is sent GOAWAY so its proxies reconnect, spreading
+    /// long-lived xDS streams across replicas (Istio's chart: 30m). 0 turns it off.
+    #[arg(long, env = "MESHD_MAX_CONNECTION_AGE", default_value = "30m", value_parser = duration)]
+    pub max_connection_age: Duration,
+    /// How long a connection past its age may keep its streams before it is closed.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub max_connection_age_grace: Duration,
+    /// Server HTTP/2 keepalive ping interval (istiod's GRPC_KEEPALIVE_INTERVAL); 0 turns it off.
+    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub grpc_keepalive_interval: Duration,
+    /// A ping not answered within this closes the connection (GRPC_KEEPALIVE_TIMEOUT).
+    #[arg(long, env = "GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub grpc_keepalive_timeout: Duration,
     // --- root-cert distribution (src/rootcert) ---
     /// Write ConfigMap istio-ca-root-cert into every namespace of the local cluster and of each
     /// remote cluster whose system namespace names this cluster in

@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use serde::Serialize;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -31,6 +31,8 @@ use crate::registry::{Change, Snapshot};
 pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+/// What a stream ended by shutdown is told; proxies reconnect (to another replica) on it.
+const SHUTTING_DOWN: &str = "meshd is shutting down; reconnect to another replica";
 /// Responses buffered per connection before the connection task waits for the client.
 const SEND_QUEUE: usize = 4;
 
@@ -129,6 +131,9 @@ struct Shared {
     metrics: Metrics,
     /// Bounds concurrent resource generation (`PILOT_PUSH_THROTTLE`).
     gen_permits: Arc<Semaphore>,
+    /// Set once at shutdown: every stream ends with UNAVAILABLE so its proxy reconnects to
+    /// another replica instead of holding the draining connection open.
+    closing: watch::Sender<bool>,
 }
 
 /// The xDS server; cloning shares it. Serve it on a listener with [`XdsServer::service`].
@@ -153,6 +158,7 @@ impl XdsServer {
                 next_conn: AtomicU64::new(1),
                 metrics: Metrics::register(registry),
                 gen_permits: Arc::new(Semaphore::new(push_throttle.max(1))),
+                closing: watch::Sender::new(false),
             }),
         }
     }
@@ -181,6 +187,12 @@ impl XdsServer {
         };
         let next = PushContext::next(&prev, Arc::clone(&prev.snapshot), change).with_secrets(secrets);
         self.shared.current.store(Arc::new(next));
+    }
+
+    /// Ends every open stream with UNAVAILABLE and refuses new ones: the drain step of a
+    /// graceful shutdown (GOAWAY alone leaves long-lived ADS streams open until the deadline).
+    pub fn close_streams(&self) {
+        self.shared.closing.send_replace(true);
     }
 
     /// Debug state of every connection.
@@ -326,6 +338,9 @@ impl AdsService {
         Conn: Handles<Req>,
     {
         let peer = req.remote_addr();
+        if *self.shared.closing.borrow() {
+            return Err(Status::unavailable(SHUTTING_DOWN));
+        }
         let identity = if self.secure {
             let creds = Credentials::from_metadata(req.metadata(), req.peer_certs(), peer);
             match self.shared.auth.authenticate(&creds).await {
@@ -371,7 +386,8 @@ impl AdsService {
             peer,
         };
         let inbound = req.into_inner();
-        tokio::spawn(conn.run(inbound));
+        let closing = self.shared.closing.subscribe();
+        tokio::spawn(conn.run(inbound, closing));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -428,7 +444,7 @@ fn type_static(type_url: &str) -> Option<&'static str> {
 }
 
 impl Conn {
-    async fn run<Req>(mut self, mut inbound: Streaming<Req>)
+    async fn run<Req>(mut self, mut inbound: Streaming<Req>, mut closing: watch::Receiver<bool>)
     where
         Self: Handles<Req>,
         Req: Send + 'static,
@@ -437,6 +453,7 @@ impl Conn {
             loop {
                 tokio::select! {
                     biased;
+                    () = async { let _ = closing.wait_for(|c| *c).await; } => return Err(Status::unavailable(SHUTTING_DOWN)),
                     msg = inbound.message() => match msg {
                         Ok(Some(req)) => self.handle(req).await?,
                         Ok(None) => return Ok(()),
