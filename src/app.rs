@@ -515,11 +515,17 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         http::monitoring_handler(
             Arc::clone(&registry),
             Arc::clone(&readiness),
-            Arc::new(http::DebugSources {
-                clusters: Some(Arc::clone(&clusters)),
-                mesh: Some(Arc::clone(&mesh)),
-                xds: Some(xds.clone()),
-            }),
+            Arc::new(
+                http::DebugSources {
+                    clusters: Some(Arc::clone(&clusters)),
+                    mesh: Some(Arc::clone(&mesh)),
+                    xds: Some(xds.clone()),
+                    auth: Some(Arc::clone(&auth)),
+                    system_namespace: args.system_namespace.clone(),
+                    denied: None,
+                }
+                .with_denied_metric(&registry),
+            ),
         ),
         shutdown_rx.clone(),
     )));

@@ -15,7 +15,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::{Readiness, Registry};
-use crate::cluster::ClusterRegistry;
 
 pub type Body = Full<Bytes>;
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -33,15 +32,7 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
-/// State the debug endpoints show.
-#[derive(Default)]
-pub struct DebugSources {
-    pub clusters: Option<Arc<ClusterRegistry>>,
-    /// The service model, for `/debug/registryz`.
-    pub mesh: Option<Arc<crate::registry::MeshStore>>,
-    /// xDS connections, for `/debug/syncz` and `/debug/connections`.
-    pub xds: Option<crate::xds::XdsServer>,
-}
+pub use super::debug::DebugSources;
 
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
@@ -63,25 +54,10 @@ pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>, de
                 return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
             }
             let path = req.uri().path();
-            if path.starts_with("/debug/") && !peer.ip().is_loopback() {
-                // Debug state names clusters and identities: loopback only until authenticated
-                // debug access exists.
-                return text(StatusCode::FORBIDDEN, "debug endpoints answer loopback callers only\n");
+            if path.starts_with("/debug/") {
+                return super::debug::handle(&debug, path, req.uri().query(), peer, req.headers()).await;
             }
             match path {
-                "/debug/clusterz" => match &debug.clusters {
-                    Some(c) => json(StatusCode::OK, &c.snapshot()),
-                    None => json(StatusCode::OK, &Vec::<()>::new()),
-                },
-                "/debug/registryz" => match &debug.mesh {
-                    Some(m) => json(StatusCode::OK, &crate::registry::debug::registryz(&m.snapshot())),
-                    None => json(StatusCode::OK, &serde_json::json!({"services": []})),
-                },
-                // Per connection and type: nonces sent/acked, versions, NACKs (istiod's syncz).
-                "/debug/syncz" | "/debug/connections" => match &debug.xds {
-                    Some(x) => json(StatusCode::OK, &x.connections()),
-                    None => json(StatusCode::OK, &Vec::<()>::new()),
-                },
                 "/metrics" => Response::builder()
                     .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                     .body(Full::new(Bytes::from(registry.encode())))

@@ -1,6 +1,7 @@
 //! xDS: the ADS server (SotW and Delta), per-connection protocol state, push machinery and the
 //! generators that turn the service model into Envoy and proxyless-gRPC configuration.
 
+pub mod config_dump;
 pub mod generators;
 pub mod node;
 pub mod push;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
@@ -98,6 +98,8 @@ struct ConnSlot {
     pending: Mutex<Option<PendingPush>>,
     notify: Notify,
     status: Mutex<ConnStatus>,
+    /// The proxy as its first request described it, for `/debug/config_dump`.
+    proxy: OnceLock<Arc<ProxyInfo>>,
 }
 
 /// Per-connection state shown by `/debug/syncz` and `/debug/connections`.
@@ -193,6 +195,19 @@ impl XdsServer {
     /// graceful shutdown (GOAWAY alone leaves long-lived ADS streams open until the deadline).
     pub fn close_streams(&self) {
         self.shared.closing.send_replace(true);
+    }
+
+    /// Connected proxies whose node id or `<pod>.<namespace>` is `proxy_id` (istioctl's
+    /// `proxyID`), newest connection first.
+    pub fn proxies(&self, proxy_id: &str) -> Vec<Arc<ProxyInfo>> {
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found: Vec<(u64, Arc<ProxyInfo>)> = conns
+            .iter()
+            .filter_map(|(id, c)| c.proxy.get().map(|p| (*id, Arc::clone(p))))
+            .filter(|(_, p)| p.node_id == proxy_id || p.pod_id == proxy_id)
+            .collect();
+        found.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+        found.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Debug state of every connection.
@@ -364,6 +379,7 @@ impl AdsService {
         let slot = Arc::new(ConnSlot {
             pending: Mutex::new(None),
             notify: Notify::new(),
+            proxy: OnceLock::new(),
             status: Mutex::new(ConnStatus {
                 conn_id,
                 delta,
@@ -498,6 +514,7 @@ impl Conn {
                 Status::permission_denied(e.to_string())
             })?;
         }
+        let _ = self.slot.proxy.set(Arc::new(proxy.clone()));
         {
             let mut st = self.slot.status.lock().unwrap_or_else(|e| e.into_inner());
             st.node_id = proxy.node_id.clone();

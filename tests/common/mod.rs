@@ -149,3 +149,35 @@ pub fn leaf_facts(chain: &[String]) -> meshd::pki::cert::CertFacts {
         .remove(0);
     meshd::pki::cert::facts(&der).expect("leaf parses")
 }
+
+/// A plain HTTP/1.1 GET with extra headers: the status and the body as text.
+pub async fn http_get(addr: std::net::SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::get(path_and_query).header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap())
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// This machine's first non-loopback IPv4 address (found with a UDP `connect`, which sends
+/// nothing), for tests of what non-loopback callers get.
+pub fn non_loopback_ip() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    s.connect("192.0.2.1:9")
+        .expect("a route off loopback (tests of non-loopback callers need one network interface)");
+    let ip = s.local_addr().expect("local addr").ip();
+    assert!(!ip.is_loopback(), "no non-loopback address on this machine");
+    ip
+}
