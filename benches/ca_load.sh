@@ -73,6 +73,7 @@ for KT in $KEY_TYPES; do
         --plaintext-addr 127.0.0.1:0 \
         --monitoring-addr 127.0.0.1:0 \
         --ready-addr 127.0.0.1:0 \
+        --webhook-addr 127.0.0.1:0 \
         --log-format text \
         2>"$LOG" &
     SERVER_PID=$!

@@ -211,6 +211,7 @@ for V in $VARIANTS; do
         --plaintext-addr 127.0.0.1:0 \
         --monitoring-addr 127.0.0.1:0 \
         --ready-addr 127.0.0.1:0 \
+        --webhook-addr 127.0.0.1:0 \
         --log-format text \
         2>"$LOG" &
     PID_OF[$V]=$!

@@ -25,6 +25,8 @@ use crate::cluster::kubeconfig::AllowedOptions;
 use crate::cluster::secrets::{self, RemoteConfigs};
 use crate::cluster::{ClusterRegistry, files};
 use crate::config::{LocalIssuerMode, ServeArgs};
+use crate::limits::first_bytes::{FirstBytesDeadline, H2_PREFACE_LEN};
+use crate::limits::streams::StreamLimitLayer;
 use crate::pki::keys::KeyType;
 use crate::proto::CA_SERVICE_NAME;
 use crate::proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -32,8 +34,6 @@ use crate::registry::MeshStore;
 use crate::tls::{self, acceptor, client_verifier::MeshClientVerifier, serving};
 use crate::xds::{XdsServer, push};
 
-/// gRPC messages larger than this are refused (istiod's `ISTIO_GPRC_MAXRECVMSGSIZE`).
-pub const MAX_RECV_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Where each listener ended up (port 0 picks a free one).
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +42,8 @@ pub struct BoundAddrs {
     pub plaintext: SocketAddr,
     pub monitoring: SocketAddr,
     pub ready: SocketAddr,
+    /// HTTPS webhooks (`/inject`, `/validate`; istiod's 15017).
+    pub webhook: SocketAddr,
 }
 
 /// A running meshd.
@@ -209,11 +211,17 @@ async fn local_kube_client(args: &ServeArgs) -> anyhow::Result<Option<kube::Clie
     Ok(None)
 }
 
+/// Request headers per gRPC call (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
 /// The gRPC server settings both ports share: connection age (moves long-lived xDS streams
 /// between replicas) and keepalive, as istiod's chart sets them.
 fn grpc_server(args: &ServeArgs) -> tonic::transport::Server {
     let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
     let mut b = tonic::transport::Server::builder()
+        // Room for long bearer tokens and metadata; larger header blocks are refused by HTTP/2
+        // itself (431) before any handler runs.
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
         .http2_keepalive_interval(nonzero(args.grpc_keepalive_interval))
         .http2_keepalive_timeout(nonzero(args.grpc_keepalive_timeout));
     if let Some(age) = nonzero(args.max_connection_age) {
@@ -345,13 +353,27 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     let ca_metrics = CaMetrics::register(&registry);
 
     let mesh = MeshStore::new();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let push_throttle = if args.push_throttle == 0 {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         (15 + 5 * cpus).min(100)
     } else {
         args.push_throttle
     };
-    let xds = XdsServer::new(mesh.snapshot(), Arc::clone(&auth), &registry, push_throttle);
+    let xds = XdsServer::new(
+        mesh.snapshot(),
+        Arc::clone(&auth),
+        &registry,
+        crate::xds::server::XdsSettings {
+            push_throttle,
+            max_recv_message_bytes: args.max_recv_message_size,
+            // istiod's default: min(15 + 5 × CPUs, 100) new streams per second.
+            new_streams_per_second: args
+                .max_requests_per_second
+                .unwrap_or_else(|| (15.0 + 5.0 * cpus as f64).min(100.0)),
+            send_queue: args.xds_send_queue,
+            send_timeout: (!args.xds_send_timeout.is_zero()).then_some(args.xds_send_timeout),
+        },
+    );
     // Gateway credentials (SDS `kubernetes://<credentialName>`): Secrets of every registered
     // cluster, each gateway reading its own cluster and namespace.
     xds.set_secret_source(crate::xds::generators::router::KubeSecrets::install(
@@ -432,14 +454,34 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = Vec::new();
+    // --- webhooks (src/webhook): /inject and /validate over HTTPS with the serving certificate;
+    // the caBundle patcher runs as a job of the root-cert leader below. ---
+    let (webhook_addr, leader_jobs) = {
+        let (l, addr) = bind(args.webhook_addr, "webhook").await?;
+        servers.push(crate::webhook::spawn(
+            l,
+            Arc::clone(&resolver),
+            &args,
+            &registry,
+            Arc::clone(&readiness),
+            shutdown_rx.clone(),
+        )?);
+        (
+            addr,
+            crate::webhook::cabundle::leader_jobs(&args, Arc::clone(&store), &registry),
+        )
+    };
+    // --- end webhooks ---
     // --- root-cert distribution (src/rootcert): istio-ca-root-cert in the local cluster and in
     // remote clusters that name this one in topology.istio.io/controlPlaneClusters. Started once
     // the listeners are bound; on shutdown it stops writing and releases held leases. ---
-    if args.root_cert_configmaps {
-        let d = crate::rootcert::RootCertDistributor::new(
+    if args.root_cert_configmaps || !leader_jobs.is_empty() {
+        let d = crate::rootcert::RootCertDistributor::with_jobs(
             crate::rootcert::RootCertConfig::from_args(&args),
             Arc::clone(&store),
             &registry,
+            args.root_cert_configmaps,
+            leader_jobs,
         );
         clusters.add_handler(Arc::clone(&d) as Arc<dyn crate::cluster::ClusterHandler>);
         servers.push(d.spawn_stop_on(shutdown_rx.clone()));
@@ -459,19 +501,28 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         handshake_timeouts: handshake_errors.with(&["grpc-tls", "timeout"]),
     };
     let tls_config = Arc::new(tls::grpc_server_config(Arc::clone(&resolver), Arc::clone(&verifier))?);
-    let incoming = acceptor::incoming(
-        grpc_l,
-        tls_config,
-        args.tls_handshake_timeout,
-        accept_metrics,
-        "grpc-tls",
-    );
+    let limit_metrics = crate::limits::LimitMetrics::register(&registry);
+    let preface_timeouts = limit_metrics.counter("http2_preface_timeout");
+    let stream_limit =
+        StreamLimitLayer::new(args.max_streams_per_connection, limit_metrics.counter("streams_per_connection"));
+    let incoming = {
+        let (preface, slow) = (args.http2_preface_timeout, Arc::clone(&preface_timeouts));
+        acceptor::incoming(
+            grpc_l,
+            tls_config,
+            args.tls_handshake_timeout,
+            accept_metrics,
+            "grpc-tls",
+        )
+        .map(move |r| r.map(|tls| FirstBytesDeadline::new(tls, H2_PREFACE_LEN, preface, Arc::clone(&slow))))
+    };
     {
         let (reflect_v1, reflect_v1alpha) = crate::grpc::reflection()?;
         let (_reporter, health) = crate::grpc::health(&[CA_SERVICE_NAME]).await;
         let ca = IstioCertificateServiceServer::new(CaService::new(Arc::clone(&auth), signer, ca_metrics.clone()))
-            .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
+            .max_decoding_message_size(args.max_recv_message_size);
         let router = grpc_server(&args)
+            .layer(stream_limit.clone())
             .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
             .add_service(xds.service(true))
@@ -489,8 +540,9 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         let (reflect_v1, reflect_v1alpha) = crate::grpc::reflection()?;
         let (_reporter, health) = crate::grpc::health(&[CA_SERVICE_NAME]).await;
         let ca = IstioCertificateServiceServer::new(PlaintextCaRefusal::new(ca_metrics))
-            .max_decoding_message_size(MAX_RECV_MESSAGE_BYTES);
+            .max_decoding_message_size(args.max_recv_message_size);
         let router = grpc_server(&args)
+            .layer(stream_limit.clone())
             .layer(crate::grpc::OversizeStatusLayer)
             .add_service(ca)
             .add_service(xds.service(false))
@@ -499,9 +551,11 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             .add_service(reflect_v1alpha);
         let rx = shutdown_rx.clone();
         // Small gRPC frames must not wait for Nagle + delayed ACK (tens of ms at p99).
-        let incoming = TcpListenerStream::new(plain_l).map(|r| {
-            r.inspect(|tcp| {
+        let (preface, slow) = (args.http2_preface_timeout, Arc::clone(&preface_timeouts));
+        let incoming = TcpListenerStream::new(plain_l).map(move |r| {
+            r.map(|tcp| {
                 let _ = tcp.set_nodelay(true);
+                FirstBytesDeadline::new(tcp, H2_PREFACE_LEN, preface, Arc::clone(&slow))
             })
         });
         servers.push(tokio::spawn(async move {
@@ -542,6 +596,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             plaintext: plaintext_addr,
             monitoring: monitoring_addr,
             ready: ready_addr,
+            webhook: webhook_addr,
         },
         data_dir: args.data_dir,
         mesh,

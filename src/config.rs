@@ -187,6 +187,28 @@ pub struct ServeArgs {
     /// A ping not answered within this closes the connection (GRPC_KEEPALIVE_TIMEOUT).
     #[arg(long, env = "GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub grpc_keepalive_timeout: Duration,
+    // --- load limits (src/limits) ---
+    /// gRPC messages larger than this are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ISTIO_GPRC_MAXRECVMSGSIZE", default_value_t = 4 * 1024 * 1024)]
+    pub max_recv_message_size: usize,
+    /// Concurrent calls on one connection; the next is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ISTIO_GPRC_MAXSTREAMS", default_value_t = 100_000)]
+    pub max_streams_per_connection: usize,
+    /// New xDS streams per second across the server (burst 1, a caller waits up to 1 s, then
+    /// RESOURCE_EXHAUSTED). Default min(15 + 5 × CPUs, 100), as istiod; 0 turns it off.
+    #[arg(long, env = "PILOT_MAX_REQUESTS_PER_SECOND")]
+    pub max_requests_per_second: Option<f64>,
+    /// Responses queued per xDS stream before pushes to it coalesce instead.
+    #[arg(long, env = "MESHD_XDS_SEND_QUEUE", default_value_t = 4)]
+    pub xds_send_queue: usize,
+    /// A stream that does not take a response within this is closed with RESOURCE_EXHAUSTED
+    /// (its proxy is not reading); 0 waits forever.
+    #[arg(long, env = "PILOT_XDS_SEND_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub xds_send_timeout: Duration,
+    /// A gRPC connection must send its HTTP/2 preface within this (after any TLS handshake).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub http2_preface_timeout: Duration,
+    // --- end load limits ---
     // --- root-cert distribution (src/rootcert) ---
     /// Write ConfigMap istio-ca-root-cert into every namespace of the local cluster and of each
     /// remote cluster whose system namespace names this cluster in
@@ -215,6 +237,54 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHD_NETWORK", default_value = "")]
     pub network: String,
     // --- end service registry ---
+    // --- webhooks (src/webhook) ---
+    /// HTTPS: /inject, /validate, /ready with the serving certificate (istiod's 15017, exposed by
+    /// the Service as 443).
+    #[arg(long, env = "MESHD_WEBHOOK_ADDR", default_value = "0.0.0.0:15017")]
+    pub webhook_addr: SocketAddr,
+    /// Image of the injected istio-proxy and istio-init containers (annotation
+    /// sidecar.istio.io/proxyImage overrides it per pod).
+    #[arg(long, env = "MESHD_PROXY_IMAGE", default_value = "docker.io/istio/proxyv2:1.28.0")]
+    pub proxy_image: String,
+    /// CPU request of the injected proxy (sidecar.istio.io/proxyCPU); empty sets none.
+    #[arg(long, env = "MESHD_PROXY_CPU_REQUEST", default_value = "100m")]
+    pub proxy_cpu_request: String,
+    /// Memory request of the injected proxy (sidecar.istio.io/proxyMemory); empty sets none.
+    #[arg(long, env = "MESHD_PROXY_MEMORY_REQUEST", default_value = "128Mi")]
+    pub proxy_memory_request: String,
+    /// CPU limit of the injected proxy (sidecar.istio.io/proxyCPULimit); empty sets none.
+    #[arg(long, env = "MESHD_PROXY_CPU_LIMIT", default_value = "2000m")]
+    pub proxy_cpu_limit: String,
+    /// Memory limit of the injected proxy (sidecar.istio.io/proxyMemoryLimit); empty sets none.
+    #[arg(long, env = "MESHD_PROXY_MEMORY_LIMIT", default_value = "1024Mi")]
+    pub proxy_memory_limit: String,
+    /// Inject istio-proxy as a native sidecar (an init container with restartPolicy Always);
+    /// annotation sidecar.istio.io/nativeSidecar overrides it per pod.
+    #[arg(long, env = "ENABLE_NATIVE_SIDECARS")]
+    pub native_sidecars: bool,
+    /// Where injected proxies reach meshd for xDS and certificates; default
+    /// `istiod.<system namespace>.svc:15012`.
+    #[arg(long, env = "MESHD_DISCOVERY_ADDRESS")]
+    pub discovery_address: Option<String>,
+    /// Kubernetes DNS domain of the clusters (the proxy's `--domain <ns>.svc.<suffix>`).
+    #[arg(long, env = "DOMAIN_SUFFIX", default_value = "cluster.local")]
+    pub domain_suffix: String,
+    /// MutatingWebhookConfiguration whose caBundle meshd keeps equal to the mesh roots, in the
+    /// primary and in every remote cluster it leads; empty turns the patching off.
+    #[arg(
+        long,
+        env = "INJECTION_WEBHOOK_CONFIG_NAME",
+        default_value = "istio-sidecar-injector"
+    )]
+    pub injection_webhook_config_name: String,
+    /// ValidatingWebhookConfiguration patched the same way; empty turns it off.
+    #[arg(
+        long,
+        env = "VALIDATION_WEBHOOK_CONFIG_NAME",
+        default_value = "istio-validator-istio-system"
+    )]
+    pub validation_webhook_config_name: String,
+    // --- end webhooks ---
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -243,10 +313,13 @@ impl ServeArgs {
             plaintext_addr: any,
             monitoring_addr: any,
             ready_addr: any,
+            webhook_addr: any,
             ca_key_type: KeyType::EcdsaP256,
             standalone: true,
             // Tests stop servers with streams still open; do not wait the production 10 s.
             shutdown_duration: Duration::from_secs(1),
+            // Tests open streams in bursts; the limiter has tests of its own.
+            max_requests_per_second: Some(0.0),
             ..Self::default()
         }
     }

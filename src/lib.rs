@@ -18,6 +18,7 @@ pub mod config;
 pub mod duration;
 pub mod fsutil;
 pub mod grpc;
+pub mod limits;
 pub mod logging;
 pub mod pki;
 pub mod proto;
@@ -27,4 +28,5 @@ pub mod rootcert;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
+pub mod webhook;
 pub mod xds;

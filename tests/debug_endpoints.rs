@@ -95,21 +95,29 @@ async fn debug_endpoints_refuse_anonymous_remote_callers_and_scope_workloads() {
     assert!(body.contains("app-1.default"), "{body}");
     // The config dir loads in the background: wait for its services to reach the dump.
     let mut dump = serde_json::Value::Null;
-    eventually("config_dump shows outbound clusters", Duration::from_secs(20), async || {
-        let (status, body) = http_get(local, "/debug/config_dump?proxyID=app-1.default&detail=true", &[]).await;
-        assert_eq!(status, 200, "{body}");
-        dump = serde_json::from_str(&body).unwrap();
-        dump["types"]["cds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["name"].as_str().unwrap().starts_with("outbound|"))
-    })
+    eventually(
+        "config_dump shows outbound clusters",
+        Duration::from_secs(20),
+        async || {
+            let (status, body) = http_get(local, "/debug/config_dump?proxyID=app-1.default&detail=true", &[]).await;
+            assert_eq!(status, 200, "{body}");
+            dump = serde_json::from_str(&body).unwrap();
+            dump["types"]["cds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"].as_str().unwrap().starts_with("outbound|"))
+        },
+    )
     .await;
     assert_eq!(dump["namespace"], "default");
     let clusters = dump["types"]["cds"].as_array().unwrap();
     assert!(!dump["types"]["eds"].as_array().unwrap().is_empty(), "{dump}");
-    assert!(clusters.iter().all(|c| c["detail"].as_str().is_some_and(|d| d.contains("name"))));
+    assert!(
+        clusters
+            .iter()
+            .all(|c| c["detail"].as_str().is_some_and(|d| d.contains("name")))
+    );
     let (status, _) = http_get(local, "/debug/config_dump?proxyID=nobody.default", &[]).await;
     assert_eq!(status, 404);
     let (status, _) = http_get(local, "/debug/config_dump", &[]).await;
@@ -123,8 +131,14 @@ async fn debug_endpoints_refuse_anonymous_remote_callers_and_scope_workloads() {
     assert_eq!(status, 401);
     let (status, metrics) = http_get(remote, "/metrics", &[]).await;
     assert_eq!(status, 200);
-    assert_eq!(metric_value(&metrics, "meshd_debug_requests_denied{reason=\"no_credentials\"}"), 1.0);
-    assert_eq!(metric_value(&metrics, "meshd_debug_requests_denied{reason=\"unauthenticated\"}"), 1.0);
+    assert_eq!(
+        metric_value(&metrics, "meshd_debug_requests_denied{reason=\"no_credentials\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "meshd_debug_requests_denied{reason=\"unauthenticated\"}"),
+        1.0
+    );
 
     // A workload identity: only config_dump, only for its own namespace.
     let app = format!("Bearer {}", t.token("default", "app"));

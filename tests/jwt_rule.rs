@@ -107,6 +107,8 @@ async fn an_external_issuer_is_trusted_through_an_https_jwks_uri() {
             "127.0.0.1:0",
             "--ready-addr",
             "127.0.0.1:0",
+            "--webhook-addr",
+            "127.0.0.1:0",
             "--ca-key-type",
             "ecdsa-p256",
             "--standalone",

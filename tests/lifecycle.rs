@@ -108,7 +108,7 @@ fn spawn_meshd(dir: &std::path::Path, shutdown: &str) -> (Proc, SocketAddr) {
         ])
         .args(["--grpc-addr", "127.0.0.1:0", "--plaintext-addr", "127.0.0.1:0"])
         .args(["--monitoring-addr", "127.0.0.1:0", "--ready-addr", "127.0.0.1:0"])
-        // WEBHOOK_ARG
+        .args(["--webhook-addr", "127.0.0.1:0"])
         .args(["--shutdown-duration", shutdown, "--log-level", "info"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

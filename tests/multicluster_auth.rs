@@ -554,3 +554,57 @@ async fn remote_secret_updates_rebuild_only_on_kubeconfig_change_and_duplicates_
         .await
         .expect("cluster2 still reviewed by cluster2's API server");
 }
+
+#[tokio::test]
+async fn ambiguous_cluster_ids_and_deleted_service_accounts_are_unauthenticated() {
+    let m = mesh(|_| {}).await;
+    m.attach_cluster2().await;
+    let token = m.gateway_token("gw-2");
+
+    // Two `clusterid` values: istiod's rule is "exactly one, else none", so the token is
+    // reviewed by the local cluster, which never issued it.
+    let mut client = meshd::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient::new(
+        m.meshd.channel().await,
+    );
+    let mut req = tonic::Request::new(meshd::proto::istio_ca::IstioCertificateRequest {
+        csr: csr(KeyType::EcdsaP256, None),
+        validity_duration: 0,
+        metadata: None,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().append("clusterid", "cluster2".parse().unwrap());
+    req.metadata_mut().append("clusterid", "cluster1".parse().unwrap());
+    let err = client.create_certificate(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        m.remote.token_review_count(),
+        0,
+        "never reviewed by the cluster it names twice"
+    );
+    assert_eq!(m.primary.token_review_count(), 1);
+
+    // A token whose service account was deleted after it was minted.
+    let doomed = m
+        .remote
+        .mint_token("istio-system", "doomed", &["istio-ca"], Duration::from_secs(3600), None)
+        .unwrap();
+    m.remote
+        .delete(
+            &meshd::testing::fake_apiserver::ResourceType::core("serviceaccounts"),
+            "istio-system",
+            "doomed",
+        )
+        .expect("the service account existed");
+    let err = m.csr(&doomed, "cluster2").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        m.remote.token_review_count(),
+        1,
+        "reviewed by cluster2, which refused it"
+    );
+    // The gateway's own token still works on cluster2.
+    m.csr(&token, "cluster2")
+        .await
+        .expect("a good token after the bad ones");
+}

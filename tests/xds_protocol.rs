@@ -574,3 +574,66 @@ async fn a_stuck_client_never_delays_others_and_its_pushes_coalesce() {
         "pushes coalesced for the stuck client: received {received}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_stops_reading_is_closed_after_the_send_timeout() {
+    let t = TestMeshd::start_with(|a| {
+        a.debounce_after = Duration::from_millis(20);
+        a.xds_send_timeout = Duration::from_secs(1);
+        a.xds_send_queue = 1;
+    })
+    .await;
+    let many: Vec<String> = (0..2000)
+        .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    let ips = |n: usize| many[..n].iter().map(String::as_str).collect::<Vec<_>>();
+    seed(&t, &ips(2000));
+    eventually("model pushed", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
+    let small = tonic::transport::Endpoint::from_shared(format!("http://{}", t.m().addrs.plaintext))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut stuck = Sotw::open(small, None).await.unwrap();
+    stuck.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
+    let first = stuck.recv().await.unwrap();
+    stuck.send(req(EDS, &[ECHO_80], &first.nonce, None)).await;
+    let mut live = Sotw::open(plaintext(&t).await, None).await.unwrap();
+    live.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
+    let r = live.recv().await.unwrap();
+    live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+
+    // The stuck client reads nothing while changes are pushed, until meshd gives up on it.
+    let mut i = 0;
+    eventually("the write timeout fires", Duration::from_secs(30), async || {
+        i += 1;
+        set_endpoints(&t, &ips(1999 - (i % 50)));
+        let r = live.recv().await.unwrap();
+        live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+        t.metric("pilot_xds_write_timeout") >= 1.0
+    })
+    .await;
+    // Reading again, the stuck client finds what was queued, then the reason its stream ended.
+    let status = loop {
+        match stuck.recv().await {
+            Ok(_) => continue,
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("PILOT_XDS_SEND_TIMEOUT"), "{status:?}");
+    // The live client was never held up.
+    set_endpoints(&t, &ips(1500));
+    loop {
+        let r = live.recv().await.unwrap();
+        live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+        if endpoint_count(&cla(&r, 0)) == 1500 {
+            break;
+        }
+    }
+}

@@ -105,7 +105,13 @@ pub fn access_for(id: &Identity, system_namespace: &str) -> Access {
 }
 
 /// Answers a `/debug/...` request.
-pub async fn handle(sources: &DebugSources, path: &str, query: Option<&str>, peer: SocketAddr, headers: &HeaderMap) -> Response<Body> {
+pub async fn handle(
+    sources: &DebugSources,
+    path: &str,
+    query: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Response<Body> {
     let refuse = |d: Denied| {
         tracing::warn!(peer = %peer, path, reason = d.reason(), error = %d, "debug request refused");
         if let Some(m) = &sources.denied {
@@ -162,10 +168,16 @@ fn config_dump(sources: &DebugSources, query: Option<&str>, access: &Access) -> 
     };
     let detail = matches!(param("detail"), Some("true" | "1"));
     let Some(xds) = &sources.xds else {
-        return Ok(text(StatusCode::NOT_FOUND, format!("proxy {proxy_id} is not connected\n")));
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            format!("proxy {proxy_id} is not connected\n"),
+        ));
     };
     let Some(proxy) = xds.proxies(proxy_id).into_iter().next() else {
-        return Ok(text(StatusCode::NOT_FOUND, format!("proxy {proxy_id} is not connected\n")));
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            format!("proxy {proxy_id} is not connected\n"),
+        ));
     };
     if let Access::Namespace(ns) = access
         && &proxy.namespace != ns
@@ -173,7 +185,10 @@ fn config_dump(sources: &DebugSources, query: Option<&str>, access: &Access) -> 
         return Err(Denied::Forbidden(format!("an identity in namespace {ns}")));
     }
     let push = xds.current();
-    Ok(json(StatusCode::OK, &crate::xds::config_dump::dump(&push, &proxy, detail)))
+    Ok(json(
+        StatusCode::OK,
+        &crate::xds::config_dump::dump(&push, &proxy, detail),
+    ))
 }
 
 #[cfg(test)]
@@ -212,6 +227,10 @@ mod tests {
         let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
         let r = handle(&s, "/debug/syncz", None, remote, &HeaderMap::new()).await;
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        assert!(registry.encode().contains("meshd_debug_requests_denied{reason=\"no_credentials\"} 1"));
+        assert!(
+            registry
+                .encode()
+                .contains("meshd_debug_requests_denied{reason=\"no_credentials\"} 1")
+        );
     }
 }

@@ -45,8 +45,10 @@ pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Body>
 
 /// The monitoring port: `/metrics`, `/version`, `/ready`, `/debug/*`.
 pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>, debug: Arc<DebugSources>) -> Handler {
+    let process = Arc::new(super::process::ProcessGauges::register(&registry));
     Arc::new(move |req, peer| {
         let registry = Arc::clone(&registry);
+        let process = Arc::clone(&process);
         let readiness = Arc::clone(&readiness);
         let debug = Arc::clone(&debug);
         Box::pin(async move {
@@ -58,10 +60,13 @@ pub fn monitoring_handler(registry: Arc<Registry>, readiness: Arc<Readiness>, de
                 return super::debug::handle(&debug, path, req.uri().query(), peer, req.headers()).await;
             }
             match path {
-                "/metrics" => Response::builder()
-                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                    .body(Full::new(Bytes::from(registry.encode())))
-                    .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "")),
+                "/metrics" => {
+                    process.refresh();
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(Full::new(Bytes::from(registry.encode())))
+                        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, ""))
+                }
                 "/version" => text(StatusCode::OK, format!("meshd {}\n", env!("CARGO_PKG_VERSION"))),
                 "/ready" => ready_response(&readiness),
                 _ => text(StatusCode::NOT_FOUND, "not found; try /metrics, /version or /ready\n"),

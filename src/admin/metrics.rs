@@ -287,6 +287,17 @@ impl Registry {
         }
     }
 
+    /// Exports an existing counter (e.g. a process-wide one) as `name`; a counter already
+    /// registered under that name wins.
+    pub fn counter_from(&self, name: &str, help: &str, counter: Arc<Counter>) -> Arc<Counter> {
+        let family = self.family(name, help, &[], Kind::Counter);
+        let mut children = family.children.write().unwrap_or_else(|e| e.into_inner());
+        match children.entry(Vec::new()).or_insert(Child::Counter(counter)) {
+            Child::Counter(c) => Arc::clone(c),
+            _ => panic!("metric {name} registered with another type"),
+        }
+    }
+
     pub fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> CounterVec {
         Vec_ {
             family: self.family(name, help, labels, Kind::Counter),

@@ -3,6 +3,7 @@
 pub mod debug;
 pub mod http;
 pub mod metrics;
+pub mod process;
 pub mod ready;
 
 pub use metrics::Registry;

@@ -3,6 +3,7 @@
 //! only, reply `[leaf, chain…, root bundle]`.
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument as _;
 
 use tonic::{Request, Response, Status};
 
@@ -176,7 +177,19 @@ impl IstioCertificateService for CaService {
         let started = Instant::now();
         self.metrics.csr_count.inc();
         let creds = Credentials::from_metadata(request.metadata(), request.peer_certs(), request.remote_addr());
-        let result = self.handle(&creds, request.get_ref()).await;
+        // Every line logged while handling the CSR carries the caller's cluster, address and
+        // (once known) identity.
+        let span = tracing::info_span!(
+            "csr",
+            cluster_id = %creds.cluster_id,
+            peer = ?creds.remote_addr,
+            identity = tracing::field::Empty
+        );
+        let result = self.handle(&creds, request.get_ref()).instrument(span.clone()).await;
+        if let Ok((identity, _)) = &result {
+            span.record("identity", tracing::field::display(&identity.spiffe));
+        }
+        let _entered = span.enter();
         self.metrics.duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok((identity, cert_chain)) => {

@@ -10,6 +10,11 @@
 //! namespaces and the ConfigMaps of that one name (field selector), and after each burst of
 //! events (debounced) creates missing ConfigMaps and repairs edited ones; a root change
 //! (`CaStore::subscribe`) updates them all. Other ConfigMaps are never read or written.
+//!
+//! The same per-cluster leadership runs further [`LeaderJob`]s beside the ConfigMap writer (the
+//! webhook caBundle patcher, `src/webhook/cabundle.rs`): they start when this replica acquires
+//! the cluster's Lease and are cancelled when it loses it, in the local cluster and in every
+//! remote cluster that names this control plane.
 mod leader;
 pub mod plan;
 mod writer;
@@ -18,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -126,12 +132,25 @@ impl Metrics {
     }
 }
 
+/// Work done in a cluster only while this replica holds that cluster's Lease, next to (or
+/// instead of) the istio-ca-root-cert writer.
+pub trait LeaderJob: Send + Sync {
+    /// The leader's work in `cluster`. It is started each time the Lease is acquired and dropped
+    /// (cancelled) when it is lost or meshd stops; it should not return on its own (if it does,
+    /// every job of the cluster is restarted).
+    fn lead(&self, client: kube::Client, cluster: String) -> BoxFuture<'static, ()>;
+}
+
 /// State shared by every cluster's tasks.
 pub(crate) struct Shared {
     pub cfg: RootCertConfig,
     pub ca: Arc<CaStore>,
     pub metrics: Metrics,
     active: watch::Sender<usize>,
+    /// Whether the leader writes istio-ca-root-cert (`--root-cert-configmaps`).
+    pub write_configmaps: bool,
+    /// Further work of the leader.
+    pub jobs: Vec<Arc<dyn LeaderJob>>,
 }
 
 /// Counts a running task until dropped (also when aborted).
@@ -167,6 +186,18 @@ impl std::fmt::Debug for RootCertDistributor {
 
 impl RootCertDistributor {
     pub fn new(cfg: RootCertConfig, ca: Arc<CaStore>, registry: &Registry) -> Arc<Self> {
+        Self::with_jobs(cfg, ca, registry, true, Vec::new())
+    }
+
+    /// A distributor whose per-cluster leader also runs `jobs`; with `write_configmaps` false
+    /// the leader runs only them (the Lease and the controlPlaneClusters rule stay the same).
+    pub fn with_jobs(
+        cfg: RootCertConfig,
+        ca: Arc<CaStore>,
+        registry: &Registry,
+        write_configmaps: bool,
+        jobs: Vec<Arc<dyn LeaderJob>>,
+    ) -> Arc<Self> {
         let (stop, _) = watch::channel(false);
         let (active, _) = watch::channel(0);
         Arc::new(Self {
@@ -175,6 +206,8 @@ impl RootCertDistributor {
                 ca,
                 metrics: Metrics::register(registry),
                 active,
+                write_configmaps,
+                jobs,
             }),
             stop,
         })

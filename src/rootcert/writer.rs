@@ -148,8 +148,9 @@ impl Writer {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,
                 c = elector.next_change() => c,
-                _ = self.lead(), if leading => {
-                    // lead() only returns when its watches end, which they do not; restart it.
+                _ = self.lead_all(), if leading => {
+                    // lead_all() only returns when a watch or job ends, which they do not;
+                    // restart it.
                     continue;
                 }
             };
@@ -182,7 +183,25 @@ impl Writer {
         tracing::info!(cluster = %self.cluster, "root-cert writer stopped");
     }
 
-    /// The leader's work: watch, and reconcile after each burst of changes.
+    /// Everything the leader does in this cluster: the ConfigMap writer (unless turned off) and
+    /// every extra [`super::LeaderJob`], concurrently. Returns when any of them ends.
+    async fn lead_all(&self) {
+        let mut work: Vec<futures::future::BoxFuture<'_, ()>> = self
+            .shared
+            .jobs
+            .iter()
+            .map(|j| j.lead(self.client.clone(), self.cluster.clone()))
+            .collect();
+        if self.shared.write_configmaps {
+            work.push(Box::pin(self.lead()));
+        }
+        if work.is_empty() {
+            return std::future::pending().await;
+        }
+        let _ = futures::future::select_all(work).await;
+    }
+
+    /// The ConfigMap writer's work: watch, and reconcile after each burst of changes.
     async fn lead(&self) {
         let cfg = &self.shared.cfg;
         let mut namespaces = watcher::watcher(Api::<Namespace>::all(self.client.clone()), watcher::Config::default())

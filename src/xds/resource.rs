@@ -1,9 +1,17 @@
 //! A generated xDS resource, encoded once and shared.
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use prost::Message;
+
+use crate::admin::metrics::Counter;
+
+/// Bytes of every resource encoded in this process (`meshd_xds_encoded_bytes`).
+pub fn encoded_bytes() -> &'static Arc<Counter> {
+    static C: OnceLock<Arc<Counter>> = OnceLock::new();
+    C.get_or_init(Arc::default)
+}
 
 /// One named resource with its `Any` encoding and a content version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +32,7 @@ impl Resource {
             value,
         }
         .encode_to_vec();
+        encoded_bytes().add(any.len() as u64);
         let digest = crate::pki::sha256(&any);
         Self {
             name: name.to_string(),

@@ -2,11 +2,13 @@
 //! with istiod's protocol rules (reference §5.3) and per-connection push slots: a push only marks
 //! a connection's slot and wakes it, so a slow or stuck client never delays another, and its
 //! pending pushes coalesce into one.
+use tracing::Instrument as _;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -24,7 +26,7 @@ use super::resource::{Resource, ResourceSet};
 use super::types;
 use super::wire::{self, RawCodec};
 use crate::admin::Registry;
-use crate::admin::metrics::{CounterVec, Gauge, Histogram};
+use crate::admin::metrics::{Counter, CounterVec, Gauge, Histogram};
 use crate::auth::{AuthChain, Credentials, FailureKind, Identity};
 use crate::registry::{Change, Snapshot};
 
@@ -33,8 +35,8 @@ const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// What a stream ended by shutdown is told; proxies reconnect (to another replica) on it.
 const SHUTTING_DOWN: &str = "meshd is shutting down; reconnect to another replica";
-/// Responses buffered per connection before the connection task waits for the client.
-const SEND_QUEUE: usize = 4;
+/// How long a new stream may wait for its slot under the rate limit (istiod: 1 s).
+const NEW_STREAM_MAX_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct Metrics {
@@ -44,10 +46,18 @@ struct Metrics {
     expired_nonce: CounterVec,
     convergence: Arc<Histogram>,
     errors: CounterVec,
+    /// Bytes of responses handed to streams (`meshd_xds_sent_bytes`; with
+    /// `meshd_xds_encoded_bytes` it shows how much of a push is shared encoding).
+    sent_bytes: Arc<Counter>,
 }
 
 impl Metrics {
     fn register(r: &Registry) -> Self {
+        r.counter_from(
+            "meshd_xds_encoded_bytes",
+            "Bytes of xDS resources encoded (each resource once per version, shared by every proxy that gets it); process-wide.",
+            Arc::clone(super::resource::encoded_bytes()),
+        );
         Self {
             connected: r
                 .gauge_vec(
@@ -80,6 +90,10 @@ impl Metrics {
                 "meshd_xds_stream_errors",
                 "xDS streams refused or ended with an error, by gRPC code.",
                 &["code"],
+            ),
+            sent_bytes: r.counter(
+                "meshd_xds_sent_bytes",
+                "Bytes of xDS responses (DiscoveryResponse and DeltaDiscoveryResponse messages) sent to streams.",
             ),
         }
     }
@@ -136,6 +150,37 @@ struct Shared {
     /// Set once at shutdown: every stream ends with UNAVAILABLE so its proxy reconnects to
     /// another replica instead of holding the draining connection open.
     closing: watch::Sender<bool>,
+    settings: XdsSettings,
+    /// New streams per second (`PILOT_MAX_REQUESTS_PER_SECOND`).
+    new_streams: crate::limits::rate::RateLimiter,
+    rate_refused: Arc<crate::admin::metrics::Counter>,
+    write_timeouts: Arc<crate::admin::metrics::Counter>,
+}
+
+/// Tunables of the xDS server (see the matching flags in src/config.rs).
+#[derive(Debug, Clone)]
+pub struct XdsSettings {
+    /// Concurrent resource generations (`PILOT_PUSH_THROTTLE`).
+    pub push_throttle: usize,
+    pub max_recv_message_bytes: usize,
+    /// ≤ 0: unlimited.
+    pub new_streams_per_second: f64,
+    /// Responses queued per stream.
+    pub send_queue: usize,
+    /// `None`: wait forever for a proxy to take a response.
+    pub send_timeout: Option<Duration>,
+}
+
+impl Default for XdsSettings {
+    fn default() -> Self {
+        Self {
+            push_throttle: 20,
+            max_recv_message_bytes: 4 * 1024 * 1024,
+            new_streams_per_second: 0.0,
+            send_queue: 4,
+            send_timeout: Some(Duration::from_secs(60)),
+        }
+    }
 }
 
 /// The xDS server; cloning shares it. Serve it on a listener with [`XdsServer::service`].
@@ -151,9 +196,18 @@ impl std::fmt::Debug for XdsServer {
 }
 
 impl XdsServer {
-    pub fn new(snapshot: Arc<Snapshot>, auth: Arc<AuthChain>, registry: &Registry, push_throttle: usize) -> Self {
+    pub fn new(snapshot: Arc<Snapshot>, auth: Arc<AuthChain>, registry: &Registry, settings: XdsSettings) -> Self {
+        let push_throttle = settings.push_throttle;
+        let limits = crate::limits::LimitMetrics::register(registry);
         Self {
             shared: Arc::new(Shared {
+                new_streams: crate::limits::rate::RateLimiter::new(settings.new_streams_per_second, 1),
+                rate_refused: limits.counter("new_stream_rate"),
+                write_timeouts: registry.counter(
+                    "pilot_xds_write_timeout",
+                    "Pilot XDS response write timeouts.",
+                ),
+                settings,
                 auth,
                 current: ArcSwap::from_pointee(PushContext::initial(Arc::from(super::push::new_epoch()), snapshot)),
                 conns: Mutex::default(),
@@ -321,12 +375,12 @@ where
         match req.uri().path() {
             SOTW_PATH => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(RawCodec::<DiscoveryRequest>::default())
-                    .apply_max_message_size_config(Some(crate::app::MAX_RECV_MESSAGE_BYTES), None);
+                    .apply_max_message_size_config(Some(svc.shared.settings.max_recv_message_bytes), None);
                 Ok(grpc.streaming(SotwHandler(svc), req).await)
             }),
             DELTA_PATH => Box::pin(async move {
                 let mut grpc = tonic::server::Grpc::new(RawCodec::<DeltaDiscoveryRequest>::default())
-                    .apply_max_message_size_config(Some(crate::app::MAX_RECV_MESSAGE_BYTES), None);
+                    .apply_max_message_size_config(Some(svc.shared.settings.max_recv_message_bytes), None);
                 Ok(grpc.streaming(DeltaHandler(svc), req).await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) }),
@@ -356,6 +410,16 @@ impl AdsService {
         if *self.shared.closing.borrow() {
             return Err(Status::unavailable(SHUTTING_DOWN));
         }
+        // istiod's order: the rate limit before authentication, so a storm of new streams
+        // cannot turn into a storm of TokenReviews.
+        if !self.shared.new_streams.acquire(NEW_STREAM_MAX_WAIT).await {
+            self.shared.rate_refused.inc();
+            self.shared.metrics.errors.with(&["ResourceExhausted"]).inc();
+            tracing::warn!(peer = ?peer, "xDS stream refused: new-stream rate limit");
+            return Err(Status::resource_exhausted(
+                "too many new xDS streams per second (PILOT_MAX_REQUESTS_PER_SECOND); retry with backoff",
+            ));
+        }
         let identity = if self.secure {
             let creds = Credentials::from_metadata(req.metadata(), req.peer_certs(), peer);
             match self.shared.auth.authenticate(&creds).await {
@@ -374,7 +438,7 @@ impl AdsService {
         } else {
             None
         };
-        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let (tx, rx) = mpsc::channel(self.shared.settings.send_queue.max(1));
         let conn_id = self.shared.next_conn.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(ConnSlot {
             pending: Mutex::new(None),
@@ -403,7 +467,18 @@ impl AdsService {
         };
         let inbound = req.into_inner();
         let closing = self.shared.closing.subscribe();
-        tokio::spawn(conn.run(inbound, closing));
+        // Lines logged by the stream carry its connection, peer and identity; the node id and
+        // cluster are added by the first request.
+        let span = tracing::info_span!(
+            "ads",
+            conn = conn_id,
+            delta,
+            peer = ?peer,
+            identity = ?conn.identity.as_ref().map(|i| i.spiffe_uri()),
+            node = tracing::field::Empty,
+            cluster = tracing::field::Empty
+        );
+        tokio::spawn(conn.run(inbound, closing).instrument(span));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -515,6 +590,9 @@ impl Conn {
             })?;
         }
         let _ = self.slot.proxy.set(Arc::new(proxy.clone()));
+        let span = tracing::Span::current();
+        span.record("node", proxy.node_id.as_str());
+        span.record("cluster", proxy.cluster_id.as_str());
         {
             let mut st = self.slot.status.lock().unwrap_or_else(|e| e.into_inner());
             st.node_id = proxy.node_id.clone();
@@ -636,10 +714,20 @@ impl Conn {
     }
 
     async fn send(&self, bytes: Bytes) -> Result<(), Status> {
-        self.tx
-            .send(Ok(bytes))
-            .await
-            .map_err(|_| Status::cancelled("client went away"))
+        self.shared.metrics.sent_bytes.add(bytes.len() as u64);
+        let sent = match self.shared.settings.send_timeout {
+            None => self.tx.send(Ok(bytes)).await,
+            Some(limit) => match tokio::time::timeout(limit, self.tx.send(Ok(bytes))).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.shared.write_timeouts.inc();
+                    return Err(Status::resource_exhausted(format!(
+                        "the proxy took no xDS response for {limit:?} (PILOT_XDS_SEND_TIMEOUT); closing the stream"
+                    )));
+                }
+            },
+        };
+        sent.map_err(|_| Status::cancelled("client went away"))
     }
 }
 

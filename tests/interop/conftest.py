@@ -356,6 +356,7 @@ def start_meshd(data_dir: Path, *extra_args: str, grpc_host: str = "127.0.0.1") 
         "--plaintext-addr", "127.0.0.1:0",
         "--monitoring-addr", "127.0.0.1:0",
         "--ready-addr", "127.0.0.1:0",
+        "--webhook-addr", "127.0.0.1:0",
         "--log-format", "text",
         "--log-level", "info",
         "--shutdown-duration", "2s",

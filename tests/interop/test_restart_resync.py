@@ -173,6 +173,7 @@ def start_meshd_fixed(data_dir: Path, addrs: dict[str, str], *extra: str) -> Mes
         "--plaintext-addr", addrs["grpc-plaintext"],
         "--monitoring-addr", addrs["monitoring"],
         "--ready-addr", addrs["ready"],
+        "--webhook-addr", "127.0.0.1:0",
         "--log-format", "text",
         "--log-level", "info",
         "--shutdown-duration", "2s",

@@ -5,6 +5,9 @@
 //! server's pid it also reports requests per server CPU-second, and it times the raw crypto the
 //! signing path cannot avoid (one CSR signature verification plus one leaf signature) in the same
 //! run, so the result can be read as a fraction of that limit.
+//!
+//! `meshd bench xds` opens N ADS streams (SotW/Delta mix) against any meshd and reports how long
+//! they take to receive their initial config, with the server's RSS per stream; see [`xds`].
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +28,8 @@ use crate::proto::CA_SERVICE_NAME;
 use crate::proto::istio_ca::IstioCertificateRequest;
 use crate::proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
 
+pub mod xds;
+
 fn duration(s: &str) -> Result<Duration, String> {
     crate::duration::parse(s)
 }
@@ -34,11 +39,16 @@ pub enum BenchCommand {
     /// Load-test CreateCertificate over TLS (ghz-style rps and latency percentiles; with
     /// --server-pid, requests per server CPU-second against the raw crypto limit).
     Ca(Box<CaBenchArgs>),
+    /// Open N ADS streams (SotW/Delta mix, one HTTP/2 connection per proxy by default) on the
+    /// plaintext xDS port, subscribe and ACK like Envoy, and report time to the initial config
+    /// and (with --server-pid) the server's RSS per stream.
+    Xds(Box<xds::XdsBenchArgs>),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Ca(args) => run_ca(*args).await,
+        BenchCommand::Xds(args) => xds::run(*args).await,
     }
 }
 

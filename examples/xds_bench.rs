@@ -1,0 +1,659 @@
+//! The xDS benchmark scenario (BENCHMARKS.md, "xDS"): a 1,000-service, two-cluster mesh in two
+//! in-process fake Kubernetes API servers, the release meshd as a child process reading both
+//! (primary by `--kubeconfig`, remote by `--remote-kubeconfig-dir`), and the load client of
+//! `meshd::bench::xds` opening N ADS streams on its plaintext port. For each N it measures:
+//!
+//! (a) meshd's RSS before the streams and once every stream holds its initial config;
+//! (b) endpoint change → the last stream's EDS carrying the new address (p50/p99/max per change);
+//! (c) full push (a new Service on a new port: new CDS cluster, new LDS listener) → the last
+//!     stream's new CDS and LDS;
+//! (d) bytes of resources encoded vs bytes of responses sent, around one push of each kind.
+//!
+//! ```text
+//! cargo build --release --features testing --example xds_bench --bin meshd
+//! target/release/examples/xds_bench --streams 1000,10000 --json-out /tmp/xds.json
+//! ```
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use meshd::bench::xds::{self as load, CDS, LDS, LoadClient, LoadConfig, percentile, proxy_ip};
+use meshd::testing::fake_apiserver::{FakeApiServer, FakeConfig, ResourceType};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "xDS benchmark: N ADS streams against meshd over a two-cluster fake mesh")]
+struct Args {
+    /// The meshd binary to run.
+    #[arg(long, default_value = "target/release/meshd")]
+    meshd: PathBuf,
+    /// Stream counts to measure, each against a fresh meshd.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    streams: Vec<usize>,
+    /// Services in the mesh.
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// Endpoints (pods) per service and cluster.
+    #[arg(long, default_value_t = 3)]
+    endpoints: usize,
+    /// Namespaces services and proxies are spread over.
+    #[arg(long, default_value_t = 10)]
+    namespaces: usize,
+    /// Percentage of streams speaking Delta xDS.
+    #[arg(long, default_value_t = 50)]
+    delta_percent: u32,
+    /// ADS streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 1)]
+    streams_per_conn: usize,
+    /// Endpoint changes measured per stream count.
+    #[arg(long, default_value_t = 10)]
+    changes: usize,
+    /// Full pushes measured per stream count.
+    #[arg(long, default_value_t = 5)]
+    pushes: usize,
+    /// meshd's PILOT_DEBOUNCE_AFTER, in milliseconds (subtracted for "after debounce" figures).
+    #[arg(long, default_value_t = 100)]
+    debounce_ms: u64,
+    /// Write the JSON summary here too.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Keep meshd's log (default: only printed on failure).
+    #[arg(long)]
+    keep_log: Option<PathBuf>,
+}
+
+const CLUSTERS: [&str; 2] = ["cluster1", "cluster2"];
+
+fn ns(i: usize, n: usize) -> String {
+    format!("ns-{}", i % n)
+}
+
+/// Which clusters a service lives in: 45 % only cluster1, 45 % only cluster2, 10 % both.
+fn service_clusters(s: usize, total: usize) -> &'static [&'static str] {
+    let pos = s * 100 / total.max(1);
+    if pos < 45 {
+        &CLUSTERS[..1]
+    } else if pos < 90 {
+        &CLUSTERS[1..]
+    } else {
+        &CLUSTERS[..]
+    }
+}
+
+fn has_grpc_port(s: usize) -> bool {
+    s.is_multiple_of(4)
+}
+
+/// One service's objects in one cluster: the Service, its pods and one EndpointSlice.
+struct MeshBuilder {
+    services: usize,
+    endpoints: usize,
+    namespaces: usize,
+    next_ip: usize,
+    /// (cluster index, slice object) per service, for later edits.
+    slices: Vec<Vec<(usize, Value)>>,
+    total_endpoints: usize,
+}
+
+fn service_obj(name: &str, namespace: &str, ports: &[(&str, u16, u16)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, t)| json!({"name": n, "port": p, "targetPort": t, "protocol": "TCP"}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+        "spec": {"selector": {"app": name}, "ports": ports},
+    })
+}
+
+impl MeshBuilder {
+    fn seed(&mut self, apis: &[&FakeApiServer; 2]) -> anyhow::Result<()> {
+        for (c, api) in apis.iter().enumerate() {
+            api.ensure_namespace("istio-system")?;
+            for n in 0..self.namespaces {
+                api.ensure_namespace(&ns(n, self.namespaces))?;
+            }
+            let region = if c == 0 { "us-east1" } else { "us-west1" };
+            api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{}", CLUSTERS[c]), "labels": {
+                "topology.kubernetes.io/region": region,
+                "topology.kubernetes.io/zone": format!("{region}-a"),
+            }}}))?;
+        }
+        for s in 0..self.services {
+            let name = format!("svc-{s}");
+            let namespace = ns(s, self.namespaces);
+            let mut ports = vec![("http", 80u16, 8080u16)];
+            if has_grpc_port(s) {
+                ports.push(("grpc-api", 9090, 9090));
+            }
+            let mut slices = Vec::new();
+            for cluster in service_clusters(s, self.services) {
+                let c = CLUSTERS.iter().position(|x| x == cluster).unwrap_or(0);
+                let api = apis[c];
+                api.apply(service_obj(&name, &namespace, &ports))?;
+                let mut eps = Vec::new();
+                for k in 0..self.endpoints {
+                    let ip = proxy_ip(self.next_ip).to_string();
+                    self.next_ip += 1;
+                    let pod = format!("{name}-{cluster}-{k}");
+                    api.apply(json!({
+                        "apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": pod, "namespace": namespace, "labels": {"app": name, "version": "v1"}},
+                        "spec": {"serviceAccountName": name, "nodeName": format!("node-{cluster}"), "containers": [{"name": "app", "image": "app"}]},
+                        "status": {"podIP": ip, "phase": "Running"},
+                    }))?;
+                    eps.push(json!({
+                        "addresses": [ip], "conditions": {"ready": true}, "nodeName": format!("node-{cluster}"),
+                        "targetRef": {"kind": "Pod", "name": pod, "namespace": namespace},
+                    }));
+                }
+                self.total_endpoints += eps.len() * ports.len();
+                let slice_ports: Vec<Value> = ports
+                    .iter()
+                    .map(|(n, _, t)| json!({"name": n, "port": t, "protocol": "TCP"}))
+                    .collect();
+                let slice = json!({
+                    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                    "metadata": {"name": format!("{name}-{cluster}"), "namespace": namespace,
+                                 "labels": {"kubernetes.io/service-name": name}},
+                    "addressType": "IPv4",
+                    "ports": slice_ports,
+                    "endpoints": eps,
+                });
+                api.apply(slice.clone())?;
+                slices.push((c, slice));
+            }
+            self.slices.push(slices);
+        }
+        Ok(())
+    }
+}
+
+/// A meshd child process.
+struct Meshd {
+    child: std::process::Child,
+    pid: u32,
+    plaintext: SocketAddr,
+    monitoring: SocketAddr,
+    ready: SocketAddr,
+    log: PathBuf,
+}
+
+impl Meshd {
+    async fn spawn(args: &Args, dir: &Path, kubeconfig: &Path, remote_dir: &Path) -> anyhow::Result<Self> {
+        let log = dir.join("meshd.log");
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = std::process::Command::new(&args.meshd)
+            .args(["serve", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--plaintext-addr",
+                "127.0.0.1:0",
+                "--monitoring-addr",
+                "127.0.0.1:0",
+                "--ready-addr",
+                "127.0.0.1:0",
+                "--webhook-addr",
+                "127.0.0.1:0",
+                // istiod's new-stream limit (25/s here) would make connecting 10,000 proxies take
+                // 400 s by design; the connection storm is not what is measured.
+                "--max-requests-per-second",
+                "0",
+                "--webhook-addr",
+                "127.0.0.1:0",
+                "--cluster-id",
+                "cluster1",
+                "--ca-key-type",
+                "ecdsa-p256",
+                "--log-level",
+                "warn,meshd::app=info",
+                "--debounce-after",
+            ])
+            .arg(format!("{}ms", args.debounce_ms))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--remote-kubeconfig-dir")
+            .arg(remote_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .with_context(|| format!("starting {}", args.meshd.display()))?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut m = Self {
+            child,
+            pid,
+            plaintext: "0.0.0.0:0".parse()?,
+            monitoring: "0.0.0.0:0".parse()?,
+            ready: "0.0.0.0:0".parse()?,
+            log,
+        };
+        loop {
+            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let addr = |name: &str| -> Option<SocketAddr> {
+                text.lines()
+                    .filter(|l| l.contains("listening") && l.contains(&format!("listener={name} ")))
+                    .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse().ok())
+            };
+            if let (Some(p), Some(mo), Some(r)) = (addr("grpc-plaintext"), addr("monitoring"), addr("ready")) {
+                (m.plaintext, m.monitoring, m.ready) = (p, mo, r);
+                return Ok(m);
+            }
+            if let Ok(Some(status)) = m.child.try_wait() {
+                bail!("meshd exited ({status}):\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("meshd did not log its listeners within 60 s:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn rss(&self) -> anyhow::Result<u64> {
+        load::rss_bytes(self.pid)
+    }
+
+    fn cpu_s(&self) -> f64 {
+        meshd::bench::process_cpu_seconds(&self.pid.to_string()).unwrap_or(f64::NAN)
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        load::http_get(self.monitoring, "/metrics").await
+    }
+
+    fn stop(self, keep: Option<&Path>) {
+        let log = self.log.clone();
+        drop(self);
+        if let Some(k) = keep {
+            let _ = std::fs::copy(&log, k);
+        }
+    }
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn poll<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn latency(mut v: Vec<Duration>) -> Latency {
+    v.sort_unstable();
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    Latency {
+        p50_ms: ms(percentile(&v, 0.5)),
+        p99_ms: ms(percentile(&v, 0.99)),
+        max_ms: ms(v.last().copied()),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Share {
+    encoded_bytes: f64,
+    sent_bytes: f64,
+    ratio: f64,
+}
+
+fn share(before: &str, after: &str) -> Share {
+    let get = |t: &str, n: &str| load::metric(t, n).unwrap_or(0.0);
+    let enc = get(after, "meshd_xds_encoded_bytes") - get(before, "meshd_xds_encoded_bytes");
+    let sent = get(after, "meshd_xds_sent_bytes") - get(before, "meshd_xds_sent_bytes");
+    Share {
+        encoded_bytes: enc,
+        sent_bytes: sent,
+        ratio: if enc > 0.0 { sent / enc } else { f64::NAN },
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Scenario {
+    streams: usize,
+    sotw: usize,
+    delta: usize,
+    /// (a)
+    rss_before_mib: f64,
+    rss_ready_mib: f64,
+    rss_settled_mib: f64,
+    rss_per_stream_kib: f64,
+    connect_s: f64,
+    initial_sync_s: f64,
+    initial_ready: Latency,
+    initial_cpu_s: f64,
+    initial_received_mib: f64,
+    /// (b) per change, time from the API write to each stream's EDS with the new address
+    endpoint_changes: Vec<Latency>,
+    endpoint_p50_ms_median: f64,
+    endpoint_p99_ms_median: f64,
+    endpoint_max_ms_median: f64,
+    endpoint_p99_ms_all: f64,
+    /// (c) per push, time from the API write to each stream's new CDS and LDS
+    full_pushes: Vec<Latency>,
+    full_push_p50_ms_median: f64,
+    full_push_max_ms_median: f64,
+    full_push_cpu_s: Vec<f64>,
+    /// (d)
+    share_initial: Share,
+    share_endpoint_change: Share,
+    share_full_push: Share,
+    errors: usize,
+    meshd_push_convergence_count: f64,
+}
+
+async fn scenario(
+    args: &Args,
+    n: usize,
+    apis: &[&FakeApiServer; 2],
+    mesh: &MeshBuilder,
+    files: &Path,
+) -> anyhow::Result<Scenario> {
+    let dir = tempfile::tempdir()?;
+    let meshd = Meshd::spawn(args, dir.path(), &files.join("primary.kubeconfig"), &files.join("remote")).await?;
+    let result = measure(args, n, apis, mesh, &meshd).await;
+    if result.is_err() {
+        let log = std::fs::read_to_string(&meshd.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("meshd log (last 40 lines):");
+        for l in tail.iter().rev() {
+            eprintln!("  {l}");
+        }
+    }
+    meshd.stop(args.keep_log.as_deref());
+    result
+}
+
+async fn measure(
+    args: &Args,
+    n: usize,
+    apis: &[&FakeApiServer; 2],
+    mesh: &MeshBuilder,
+    meshd: &Meshd,
+) -> anyhow::Result<Scenario> {
+    let services = args.services;
+    poll("meshd /ready", Duration::from_secs(120), async || {
+        load::http_get(meshd.ready, "/ready").await.ok().map(|_| ())
+    })
+    .await?;
+    let want_eps = mesh.total_endpoints;
+    poll("the whole mesh in /debug/registryz", Duration::from_secs(120), async || {
+        let body = load::http_get(meshd.monitoring, "/debug/registryz").await.ok()?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let svcs = v["services"].as_array()?;
+        let eps: usize = svcs.iter().filter_map(|s| s["endpoints"].as_array().map(Vec::len)).sum();
+        (svcs.len() >= services && eps >= want_eps).then_some(())
+    })
+    .await?;
+    let namespaces: Vec<String> = (0..args.namespaces).map(|i| ns(i, args.namespaces)).collect();
+    let config = |streams: usize| {
+        let mut c = LoadConfig::new(meshd.plaintext, streams);
+        c.delta_percent = args.delta_percent;
+        c.streams_per_conn = args.streams_per_conn;
+        c.namespaces = namespaces.clone();
+        c
+    };
+    // Warm the push context's caches (one proxy of each flavour and class), so the baseline
+    // holds the per-mesh state and the delta is per-stream state only.
+    {
+        let mut c = config(2 * args.namespaces * 2);
+        c.delta_percent = 50;
+        let warm = LoadClient::start(c).await?;
+        warm.wait_ready(Duration::from_secs(120)).await.context("warm-up streams")?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut out = Scenario {
+        streams: n,
+        ..Default::default()
+    };
+    let rss_before = meshd.rss()?;
+    let cpu0 = meshd.cpu_s();
+    let m0 = meshd.metrics().await?;
+    eprintln!("[{n}] meshd RSS before streams: {:.1} MiB", rss_before as f64 / 1048576.0);
+
+    // (a) connect and sync N streams.
+    let t0 = Instant::now();
+    let client = LoadClient::start(config(n)).await?;
+    out.connect_s = t0.elapsed().as_secs_f64();
+    client
+        .wait_ready(Duration::from_secs(600))
+        .await
+        .context("initial sync")?;
+    out.initial_sync_s = t0.elapsed().as_secs_f64();
+    let rss_ready = meshd.rss()?;
+    out.initial_cpu_s = meshd.cpu_s() - cpu0;
+    let m1 = meshd.metrics().await?;
+    out.share_initial = share(&m0, &m1);
+    let started = client.since_base(t0);
+    out.initial_ready = latency(
+        client
+            .streams()
+            .iter()
+            .filter_map(|s| s.ready_at())
+            .map(|r| r.saturating_sub(started))
+            .collect(),
+    );
+    let totals = client.totals();
+    out.sotw = totals.sotw;
+    out.delta = totals.delta;
+    out.initial_received_mib = totals.bytes_received as f64 / 1048576.0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_settled = meshd.rss()?;
+    out.rss_before_mib = rss_before as f64 / 1048576.0;
+    out.rss_ready_mib = rss_ready as f64 / 1048576.0;
+    out.rss_settled_mib = rss_settled as f64 / 1048576.0;
+    out.rss_per_stream_kib = (rss_ready.max(rss_settled) as f64 - rss_before as f64) / n as f64 / 1024.0;
+    eprintln!(
+        "[{n}] all ready in {:.1}s (connect {:.1}s); RSS {:.1} → {:.1} MiB (settled {:.1}): {:.1} KiB/stream",
+        out.initial_sync_s, out.connect_s, out.rss_before_mib, out.rss_ready_mib, out.rss_settled_mib, out.rss_per_stream_kib
+    );
+
+    // (b) endpoint changes in the remote cluster: one more endpoint for a cluster2-only service.
+    let remote_only: Vec<usize> = (0..services)
+        .filter(|s| service_clusters(*s, services) == &CLUSTERS[1..])
+        .collect();
+    for k in 0..args.changes {
+        let s = remote_only[(k * 37) % remote_only.len()];
+        let (c, slice) = mesh.slices[s][0].clone();
+        let addr = format!("10.200.{}.{}", k / 250, k % 250 + 1);
+        let mut changed = slice.clone();
+        if let Some(eps) = changed["endpoints"].as_array_mut() {
+            eps.push(json!({"addresses": [addr], "conditions": {"ready": true}, "nodeName": "node-cluster2"}));
+        }
+        let before = if k == 0 { Some(meshd.metrics().await?) } else { None };
+        client.arm_probe(&addr);
+        let t = Instant::now();
+        apis[c].apply(changed)?;
+        client
+            .wait_all("the new endpoint", Duration::from_secs(120), |st| st.probe_at().is_some())
+            .await?;
+        let at = client.since_base(t);
+        let lat: Vec<Duration> = client
+            .streams()
+            .iter()
+            .filter_map(|st| st.probe_at())
+            .map(|p| p.saturating_sub(at))
+            .collect();
+        let l = latency(lat);
+        eprintln!(
+            "[{n}] endpoint change {k}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            l.p50_ms, l.p99_ms, l.max_ms
+        );
+        out.endpoint_changes.push(l);
+        if let Some(b) = before {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            out.share_endpoint_change = share(&b, &meshd.metrics().await?);
+        }
+        // Back to the original, then quiet, so the next change is a push of its own.
+        apis[c].apply(slice)?;
+        tokio::time::sleep(Duration::from_millis(args.debounce_ms * 3 + 700)).await;
+    }
+    client.disarm_probe();
+    let lats = &out.endpoint_changes;
+    out.endpoint_p50_ms_median = median(lats.iter().map(|l| l.p50_ms).collect());
+    out.endpoint_p99_ms_median = median(lats.iter().map(|l| l.p99_ms).collect());
+    out.endpoint_max_ms_median = median(lats.iter().map(|l| l.max_ms).collect());
+    out.endpoint_p99_ms_all = lats.iter().map(|l| l.p99_ms).fold(f64::NAN, f64::max);
+
+    // (c) full pushes: a new Service on a new port in the primary (new cluster, listener, route).
+    for k in 0..args.pushes {
+        let before_cds: Vec<u64> = client.streams().iter().map(|s| s.responses(CDS)).collect();
+        let before_lds: Vec<u64> = client.streams().iter().map(|s| s.responses(LDS)).collect();
+        let m_before = if k == 0 { Some(meshd.metrics().await?) } else { None };
+        let cpu_before = meshd.cpu_s();
+        let name = format!("push-{k}");
+        let t = Instant::now();
+        apis[0].apply(service_obj(&name, "ns-0", &[("http-push", 20000 + k as u16, 8080)]))?;
+        let streams = client.streams();
+        client
+            .wait_all("the full push", Duration::from_secs(300), |st| {
+                st.responses(CDS) > before_cds[st.index] && st.responses(LDS) > before_lds[st.index]
+            })
+            .await?;
+        let at = client.since_base(t);
+        let lat: Vec<Duration> = streams
+            .iter()
+            .filter_map(|st| Some(st.last_at(CDS)?.max(st.last_at(LDS)?)))
+            .map(|p| p.saturating_sub(at))
+            .collect();
+        let l = latency(lat);
+        // Let the follow-ups (EDS and RDS for the new names) finish before the next push.
+        tokio::time::sleep(Duration::from_millis(args.debounce_ms * 3 + 1500)).await;
+        out.full_push_cpu_s.push(meshd.cpu_s() - cpu_before);
+        eprintln!(
+            "[{n}] full push {k}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            l.p50_ms, l.p99_ms, l.max_ms
+        );
+        out.full_pushes.push(l);
+        if let Some(b) = m_before {
+            out.share_full_push = share(&b, &meshd.metrics().await?);
+        }
+    }
+    out.full_push_p50_ms_median = median(out.full_pushes.iter().map(|l| l.p50_ms).collect());
+    out.full_push_max_ms_median = median(out.full_pushes.iter().map(|l| l.max_ms).collect());
+    for k in 0..args.pushes {
+        apis[0].delete(&ResourceType::core("services"), "ns-0", &format!("push-{k}"));
+    }
+    let m = meshd.metrics().await?;
+    out.meshd_push_convergence_count = load::metric(&m, "pilot_proxy_convergence_time_count").unwrap_or(0.0);
+    out.errors = client.error_count();
+    drop(client);
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let args = Args::parse();
+    if !args.meshd.exists() {
+        bail!("{} not found: build it with cargo build --release --bin meshd", args.meshd.display());
+    }
+    let primary = FakeApiServer::start(FakeConfig::new("127.0.0.2:0".parse()?, "cluster1")).await?;
+    let remote = FakeApiServer::start(FakeConfig::new("127.0.0.3:0".parse()?, "cluster2")).await?;
+    let apis = [&primary, &remote];
+    let t = Instant::now();
+    let mut mesh = MeshBuilder {
+        services: args.services,
+        endpoints: args.endpoints,
+        namespaces: args.namespaces,
+        next_ip: 0,
+        slices: Vec::new(),
+        total_endpoints: 0,
+    };
+    mesh.seed(&apis)?;
+    eprintln!(
+        "mesh: {} services, {} endpoint addresses×ports, seeded in {:.1}s",
+        args.services,
+        mesh.total_endpoints,
+        t.elapsed().as_secs_f64()
+    );
+    let files = tempfile::tempdir()?;
+    std::fs::write(
+        files.path().join("primary.kubeconfig"),
+        primary.kubeconfig(primary.admin_token()),
+    )?;
+    std::fs::create_dir(files.path().join("remote"))?;
+    let reader = remote.reader_token("istio-reader-service-account")?;
+    std::fs::write(files.path().join("remote").join("cluster2"), remote.kubeconfig(&reader))?;
+
+    let mut results = Vec::new();
+    for &n in &args.streams {
+        let s = scenario(&args, n, &apis, &mesh, files.path()).await?;
+        results.push(s);
+        // Let the closed sockets drain before the next meshd.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let summary = json!({
+        "services": args.services,
+        "endpoints_per_service_and_cluster": args.endpoints,
+        "delta_percent": args.delta_percent,
+        "streams_per_conn": args.streams_per_conn,
+        "debounce_ms": args.debounce_ms,
+        "scenarios": results,
+    });
+    let text = serde_json::to_string_pretty(&summary)?;
+    println!("{text}");
+    if let Some(p) = &args.json_out {
+        std::fs::write(p, &text)?;
+    }
+    eprintln!();
+    eprintln!(
+        "{:>7} {:>10} {:>9} {:>10} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8}",
+        "streams", "KiB/strm", "RSS MiB", "sync s", "eds p50 ms", "eds p99 ms", "push p50", "push max", "share E", "share F"
+    );
+    for s in &results {
+        eprintln!(
+            "{:>7} {:>10.1} {:>9.1} {:>10.1} {:>12.0} {:>12.0} {:>12.0} {:>12.0} {:>8.0} {:>8.0}",
+            s.streams,
+            s.rss_per_stream_kib,
+            s.rss_ready_mib.max(s.rss_settled_mib),
+            s.initial_sync_s,
+            s.endpoint_p50_ms_median,
+            s.endpoint_p99_ms_median,
+            s.full_push_p50_ms_median,
+            s.full_push_max_ms_median,
+            s.share_endpoint_change.ratio,
+            s.share_full_push.ratio
+        );
+    }
+    Ok(())
+}
