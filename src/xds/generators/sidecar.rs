@@ -28,8 +28,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter};
 use envoy_types::pb::envoy::config::listener::v3::{filter, listener_filter};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
-    route, route_action, route_match, weighted_cluster,
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -49,9 +48,7 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, UInt32Value};
 use prost::{Message, Name};
 
 use super::{cds, names, upstream_tls};
-use crate::registry::istio::{
-    ClientTls, DestinationRuleSpec, HttpMatchRequest, HttpRoute, RouteDestination, TrafficPolicy,
-};
+use crate::registry::istio::{ClientTls, DestinationRuleSpec, TrafficPolicy};
 use crate::registry::model::{DOMAIN_SUFFIX, Protocol, Service};
 use crate::xds::node::{ProxyInfo, ProxyKind};
 use crate::xds::push::PushContext;
@@ -252,99 +249,6 @@ pub fn default_route(cluster: &str) -> Route {
     }
 }
 
-fn route_match(m: &HttpMatchRequest) -> RouteMatch {
-    let uri = m.uri.as_ref();
-    let path = match uri {
-        Some(u) if u.exact.is_some() => route_match::PathSpecifier::Path(u.exact.clone().unwrap_or_default()),
-        Some(u) if u.prefix.is_some() => route_match::PathSpecifier::Prefix(u.prefix.clone().unwrap_or_default()),
-        Some(u) if u.regex.is_some() => route_match::PathSpecifier::SafeRegex(RegexMatcher {
-            regex: u.regex.clone().unwrap_or_default(),
-            ..Default::default()
-        }),
-        _ => route_match::PathSpecifier::Prefix("/".into()),
-    };
-    let mut headers: Vec<HeaderMatcher> = Vec::new();
-    let mut header = |name: &str, sm: &crate::registry::istio::StringMatch| {
-        if let Some(m) = string_matcher(sm.exact.as_deref(), sm.prefix.as_deref(), sm.regex.as_deref()) {
-            headers.push(HeaderMatcher {
-                name: name.to_string(),
-                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(m)),
-                ..Default::default()
-            });
-        }
-    };
-    for (name, sm) in &m.headers {
-        header(&name.to_ascii_lowercase(), sm);
-    }
-    if let Some(sm) = &m.method {
-        header(":method", sm);
-    }
-    if let Some(sm) = &m.authority {
-        header(":authority", sm);
-    }
-    RouteMatch {
-        path_specifier: Some(path),
-        headers,
-        ..Default::default()
-    }
-}
-
-/// The cluster name a VirtualService destination means from a route on `port`.
-fn destination_cluster(push: &PushContext, namespace: &str, d: &RouteDestination, port: u16) -> String {
-    let host = names::resolve_host(&d.destination.host, namespace);
-    let dport = d
-        .destination
-        .port
-        .as_ref()
-        .and_then(|p| u16::try_from(p.number).ok())
-        .filter(|p| *p != 0)
-        .or_else(|| {
-            push.snapshot
-                .service(&host)
-                .filter(|s| s.ports.len() == 1)
-                .map(|s| s.ports[0].port)
-        })
-        .unwrap_or(port);
-    names::outbound(dport, d.destination.subset.as_deref().unwrap_or(""), &host)
-}
-
-fn route_action_for(push: &PushContext, namespace: &str, r: &HttpRoute, port: u16) -> Option<RouteAction> {
-    let mut clusters: Vec<(String, u32)> = r
-        .route
-        .iter()
-        .map(|d| (destination_cluster(push, namespace, d, port), d.weight.unwrap_or(0)))
-        .collect();
-    if clusters.is_empty() {
-        return None;
-    }
-    if clusters.iter().all(|(_, w)| *w == 0) {
-        clusters.iter_mut().for_each(|c| c.1 = 1);
-    }
-    clusters.retain(|(_, w)| *w > 0);
-    let timeout = r
-        .timeout
-        .as_deref()
-        .and_then(|t| crate::duration::parse(t).ok())
-        .map(duration)
-        .unwrap_or_else(zero);
-    let spec = if clusters.len() == 1 {
-        route_action::ClusterSpecifier::Cluster(clusters.remove(0).0)
-    } else {
-        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
-            clusters: clusters
-                .into_iter()
-                .map(|(name, w)| weighted_cluster::ClusterWeight {
-                    name,
-                    weight: Some(UInt32Value { value: w }),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        })
-    };
-    Some(action(spec, timeout))
-}
-
 /// Mesh routes of `svc` on `port`: the http routes of the first VirtualService bound to the mesh
 /// (no `gateways`, or `mesh` among them) for that host, else one route to its default cluster.
 pub fn mesh_routes(push: &PushContext, svc: &Service, port: u16) -> Vec<Route> {
@@ -354,29 +258,7 @@ pub fn mesh_routes(push: &PushContext, svc: &Service, port: u16) -> Vec<Route> {
         if !for_mesh || !vs.spec.hosts.iter().any(|h| names::resolve_host(h, ns) == svc.hostname) {
             continue;
         }
-        let mut routes = Vec::new();
-        for (i, r) in vs.spec.http.iter().enumerate() {
-            let Some(action) = route_action_for(push, ns, r, port) else {
-                continue;
-            };
-            let matches: Vec<RouteMatch> = if r.matches.is_empty() {
-                vec![prefix_match("/")]
-            } else {
-                r.matches
-                    .iter()
-                    .filter(|m| m.port.is_none_or(|p| p == u32::from(port)))
-                    .map(route_match)
-                    .collect()
-            };
-            for m in matches {
-                routes.push(Route {
-                    name: r.name.clone().unwrap_or_else(|| format!("{}.{}.{i}", vs.meta.name, ns)),
-                    r#match: Some(m),
-                    action: Some(route::Action::Route(action.clone())),
-                    ..Default::default()
-                });
-            }
-        }
+        let routes = super::router::route::http_routes(push, vs, port, port);
         if !routes.is_empty() {
             return routes;
         }

@@ -85,7 +85,7 @@ fn tcp_proxy_filter(
     namespace: &str,
     stat_prefix: &str,
 ) -> Option<Filter> {
-    let w = weighted(push, dests, namespace);
+    let w = weighted(push, dests, namespace, 0);
     let spec = match w.as_slice() {
         [] => return None,
         [(name, _)] => tcp_proxy::ClusterSpecifier::Cluster(name.clone()),

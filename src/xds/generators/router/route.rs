@@ -54,9 +54,9 @@ fn parse_duration(s: Option<&str>) -> Option<std::time::Duration> {
 }
 
 /// `outbound|<port>|<subset>|<host>` of a route destination: the port from `destination.port`,
-/// else the service's only port (0 when neither says: the route then answers 503, as Envoy does
-/// for a cluster it does not know).
-pub fn cluster_name(push: &PushContext, d: &Destination, namespace: &str) -> String {
+/// else the service's only port, else `fallback_port` (gateways pass 0: the route then answers
+/// 503, as Envoy does for a cluster it does not know; sidecars pass the listener's port).
+pub fn cluster_name(push: &PushContext, d: &Destination, namespace: &str, fallback_port: u16) -> String {
     let host = names::resolve_host(&d.host, namespace);
     let port = d
         .port
@@ -68,13 +68,18 @@ pub fn cluster_name(push: &PushContext, d: &Destination, namespace: &str) -> Str
                 .service(&host)
                 .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].port))
         })
-        .unwrap_or(0);
+        .unwrap_or(fallback_port);
     names::outbound(port, d.subset.as_deref().unwrap_or_default(), &host)
 }
 
 /// Destinations with their weights: a single destination takes everything; otherwise weights as
 /// given (none given: equal shares), zero weights dropped, repeated clusters merged.
-pub fn weighted(push: &PushContext, dests: &[RouteDestination], namespace: &str) -> Vec<(String, u32)> {
+pub fn weighted(
+    push: &PushContext,
+    dests: &[RouteDestination],
+    namespace: &str,
+    fallback_port: u16,
+) -> Vec<(String, u32)> {
     let any_weight = dests.iter().any(|d| d.weight.is_some_and(|w| w > 0));
     let mut out: Vec<(String, u32)> = Vec::new();
     for d in dests {
@@ -88,7 +93,7 @@ pub fn weighted(push: &PushContext, dests: &[RouteDestination], namespace: &str)
         if w == 0 {
             continue;
         }
-        let name = cluster_name(push, &d.destination, namespace);
+        let name = cluster_name(push, &d.destination, namespace, fallback_port);
         match out.iter_mut().find(|(n, _)| *n == name) {
             Some((_, total)) => *total += w,
             None => out.push((name, w)),
@@ -208,8 +213,8 @@ fn retry_policy(r: Option<&crate::registry::istio::HttpRetry>) -> Option<RetryPo
     })
 }
 
-fn route_action(push: &PushContext, r: &HttpRoute, namespace: &str) -> Option<RouteAction> {
-    let dests = weighted(push, &r.route, namespace);
+fn route_action(push: &PushContext, r: &HttpRoute, namespace: &str, fallback_port: u16) -> Option<RouteAction> {
+    let dests = weighted(push, &r.route, namespace, fallback_port);
     let cluster = match dests.as_slice() {
         [] => return None,
         [(name, _)] => route_action::ClusterSpecifier::Cluster(name.clone()),
@@ -230,6 +235,11 @@ fn route_action(push: &PushContext, r: &HttpRoute, namespace: &str) -> Option<Ro
         // Istio disables Envoy's 15s default: no timeout unless the route sets one.
         timeout: Some(proto_duration(parse_duration(r.timeout.as_deref()).unwrap_or_default())),
         retry_policy: retry_policy(r.retries.as_ref()),
+        // gRPC callers' own `grpc-timeout` header is honoured (Istio sets this on every route).
+        max_stream_duration: Some(route_action::MaxStreamDuration {
+            grpc_timeout_header_max: Some(proto_duration(std::time::Duration::ZERO)),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     if let Some(rw) = &r.rewrite {
@@ -243,11 +253,13 @@ fn route_action(push: &PushContext, r: &HttpRoute, namespace: &str) -> Option<Ro
     Some(action)
 }
 
-/// The routes of one VirtualService for a gateway port, one per `match` clause, in order.
-fn http_routes(push: &PushContext, vs: &Config<VirtualServiceSpec>, port: u16) -> Vec<Route> {
+/// The routes of one VirtualService for a listener port, one per `match` clause, in order:
+/// the one translation of VirtualService HTTP routes, shared by gateways (`fallback_port` 0) and
+/// sidecars / proxyless gRPC (`fallback_port` = the service port).
+pub fn http_routes(push: &PushContext, vs: &Config<VirtualServiceSpec>, port: u16, fallback_port: u16) -> Vec<Route> {
     let mut out = Vec::new();
     for (i, r) in vs.spec.http.iter().enumerate() {
-        let Some(action) = route_action(push, r, &vs.meta.namespace) else {
+        let Some(action) = route_action(push, r, &vs.meta.namespace, fallback_port) else {
             tracing::debug!(vs = %format!("{}/{}", vs.meta.namespace, vs.meta.name), route = i, "HTTP route without a destination; skipped");
             continue;
         };
@@ -317,7 +329,7 @@ pub fn route_config(
                 }
                 let routes = vhosts.entry(domain.clone()).or_default();
                 if seen.insert((domain, vs.meta.namespace.clone(), vs.meta.name.clone())) {
-                    routes.extend(http_routes(push, vs, port));
+                    routes.extend(http_routes(push, vs, port, 0));
                 }
             }
         }
