@@ -34,7 +34,6 @@ use crate::registry::MeshStore;
 use crate::tls::{self, acceptor, client_verifier::MeshClientVerifier, serving};
 use crate::xds::{XdsServer, push};
 
-
 /// Where each listener ended up (port 0 picks a free one).
 #[derive(Debug, Clone, Copy)]
 pub struct BoundAddrs {
@@ -95,6 +94,29 @@ impl Meshd {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Marks `xds` ready once every other component is and the push context proxies are served has
+/// caught up with the service model as it stood then. The first push trails the sources by the
+/// debounce, so without this a proxy (re)connecting to a replica that just turned ready, e.g. after
+/// a restart, could be sent an empty or half-built mesh and drop its clusters.
+fn spawn_xds_readiness(readiness: Arc<Readiness>, mesh: Arc<MeshStore>, xds: XdsServer) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut want = None;
+        loop {
+            if want.is_none() && readiness.pending().iter().all(|c| c == "xds") {
+                want = Some(mesh.snapshot().version);
+            }
+            if let Some(v) = want
+                && xds.current().snapshot.version >= v
+            {
+                readiness.set("xds", true);
+                xds.set_ready();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
 }
 
 #[cfg(unix)]
@@ -374,6 +396,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
             send_timeout: (!args.xds_send_timeout.is_zero()).then_some(args.xds_send_timeout),
         },
     );
+    xds.hold_until_ready();
     // Gateway credentials (SDS `kubernetes://<credentialName>`): Secrets of every registered
     // cluster, each gateway reading its own cluster and namespace.
     xds.set_secret_source(crate::xds::generators::router::KubeSecrets::install(
@@ -503,8 +526,10 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     let tls_config = Arc::new(tls::grpc_server_config(Arc::clone(&resolver), Arc::clone(&verifier))?);
     let limit_metrics = crate::limits::LimitMetrics::register(&registry);
     let preface_timeouts = limit_metrics.counter("http2_preface_timeout");
-    let stream_limit =
-        StreamLimitLayer::new(args.max_streams_per_connection, limit_metrics.counter("streams_per_connection"));
+    let stream_limit = StreamLimitLayer::new(
+        args.max_streams_per_connection,
+        limit_metrics.counter("streams_per_connection"),
+    );
     let incoming = {
         let (preface, slow) = (args.http2_preface_timeout, Arc::clone(&preface_timeouts));
         acceptor::incoming(
@@ -588,7 +613,13 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
         http::ready_handler(Arc::clone(&readiness)),
         shutdown_rx,
     )));
+    readiness.register("xds");
     readiness.set("grpc", true);
+    background.push(spawn_xds_readiness(
+        Arc::clone(&readiness),
+        Arc::clone(&mesh),
+        xds.clone(),
+    ));
 
     Ok(Meshd {
         addrs: BoundAddrs {

@@ -400,7 +400,10 @@ pub fn generate_root(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.not_before = now.into();
+    // Backdated like every leaf (istiod's 2-minute ClockSkewGracePeriod): peers check the root's
+    // validity too (BoringSSL, OpenSSL, Go), and a root minted this instant would otherwise be
+    // refused by a proxy whose clock is a little behind, for the first minutes of a new mesh.
+    params.not_before = (now - crate::ca::signer::BACKDATE).into();
     params.not_after = (now + SELF_SIGNED_ROOT_TTL).into();
     params.serial_number = Some(crate::ca::signer::random_serial());
     let cert = params

@@ -2,13 +2,13 @@
 //! with istiod's protocol rules (reference §5.3) and per-connection push slots: a push only marks
 //! a connection's slot and wakes it, so a slow or stuck client never delays another, and its
 //! pending pushes coalesce into one.
-use tracing::Instrument as _;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -35,6 +35,8 @@ const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 /// What a stream ended by shutdown is told; proxies reconnect (to another replica) on it.
 const SHUTTING_DOWN: &str = "meshd is shutting down; reconnect to another replica";
+/// How long a new stream waits for a starting server's first push before UNAVAILABLE.
+pub const NOT_READY_WAIT: Duration = Duration::from_secs(5);
 /// How long a new stream may wait for its slot under the rate limit (istiod: 1 s).
 const NEW_STREAM_MAX_WAIT: Duration = Duration::from_secs(1);
 
@@ -150,6 +152,9 @@ struct Shared {
     /// Set once at shutdown: every stream ends with UNAVAILABLE so its proxy reconnects to
     /// another replica instead of holding the draining connection open.
     closing: watch::Sender<bool>,
+    /// False while the served push context trails the service model at startup; new streams
+    /// wait for it (istiod refuses them: "server is not ready to serve discovery information").
+    ready: watch::Sender<bool>,
     settings: XdsSettings,
     /// New streams per second (`PILOT_MAX_REQUESTS_PER_SECOND`).
     new_streams: crate::limits::rate::RateLimiter,
@@ -203,10 +208,7 @@ impl XdsServer {
             shared: Arc::new(Shared {
                 new_streams: crate::limits::rate::RateLimiter::new(settings.new_streams_per_second, 1),
                 rate_refused: limits.counter("new_stream_rate"),
-                write_timeouts: registry.counter(
-                    "pilot_xds_write_timeout",
-                    "Pilot XDS response write timeouts.",
-                ),
+                write_timeouts: registry.counter("pilot_xds_write_timeout", "Pilot XDS response write timeouts."),
                 settings,
                 auth,
                 current: ArcSwap::from_pointee(PushContext::initial(Arc::from(super::push::new_epoch()), snapshot)),
@@ -215,6 +217,7 @@ impl XdsServer {
                 metrics: Metrics::register(registry),
                 gen_permits: Arc::new(Semaphore::new(push_throttle.max(1))),
                 closing: watch::Sender::new(false),
+                ready: watch::Sender::new(true),
             }),
         }
     }
@@ -243,6 +246,16 @@ impl XdsServer {
         };
         let next = PushContext::next(&prev, Arc::clone(&prev.snapshot), change).with_secrets(secrets);
         self.shared.current.store(Arc::new(next));
+    }
+
+    /// New streams wait (up to [`NOT_READY_WAIT`], then UNAVAILABLE) until [`Self::set_ready`]:
+    /// for a server whose first push has not happened yet.
+    pub fn hold_until_ready(&self) {
+        self.shared.ready.send_replace(false);
+    }
+
+    pub fn set_ready(&self) {
+        self.shared.ready.send_replace(true);
     }
 
     /// Ends every open stream with UNAVAILABLE and refuses new ones: the drain step of a
@@ -409,6 +422,19 @@ impl AdsService {
         let peer = req.remote_addr();
         if *self.shared.closing.borrow() {
             return Err(Status::unavailable(SHUTTING_DOWN));
+        }
+        if !*self.shared.ready.borrow() {
+            let mut ready = self.shared.ready.subscribe();
+            let waited = tokio::time::timeout(NOT_READY_WAIT, async {
+                let _ = ready.wait_for(|r| *r).await;
+            })
+            .await;
+            if waited.is_err() {
+                self.shared.metrics.errors.with(&["Unavailable"]).inc();
+                return Err(Status::unavailable(
+                    "server is not ready to serve discovery information",
+                ));
+            }
         }
         // istiod's order: the rate limit before authentication, so a storm of new streams
         // cannot turn into a storm of TokenReviews.
