@@ -496,7 +496,9 @@ def _webhook(cfg: dict) -> dict:
 
 def config_default(env: str) -> str:
     """The default value of the `meshd serve` setting with this environment variable."""
-    m = re.search(r'#\[arg\([^\n]*env = "' + env + r'"[^\n]*default_value = "([^"]*)"', CONFIG_RS.read_text())
+    # One #[arg(...)] attribute, on one line or wrapped by rustfmt over several.
+    attr = r'#\[arg\((?:(?!\)\]).)*?'
+    m = re.search(attr + r'env = "' + env + r'"(?:(?!\)\]).)*?default_value = "([^"]*)"', CONFIG_RS.read_text(), re.S)
     assert m, f"no default for {env} in {CONFIG_RS}"
     return m.group(1)
 
@@ -1137,8 +1139,8 @@ def test_primary_remote_walkthrough_on_fake_apiservers(tmp_path):
         env.update(POD_NAME="istiod-0", POD_NAMESPACE="istio-system")
         extra = [f"--{k}={v}" for k, v in args.items()]
         extra += [f"--{env_flags[k]}={v}" for k, v in env.items()]
-        extra += [f"--ca-dir={tmp_path / 'cacerts'}", f"--kubeconfig={kubeconfig}", "--remote-cluster-timeout=20s",
-                  "--webhook-addr=127.0.0.1:0"]
+        # start_meshd binds every listener, the webhook one included, to 127.0.0.1:0.
+        extra += [f"--ca-dir={tmp_path / 'cacerts'}", f"--kubeconfig={kubeconfig}", "--remote-cluster-timeout=20s"]
         meshd = start_meshd(tmp_path / "data", *extra)
         assert meshd.root_pem.strip() == root_pem.strip(), "meshd did not use the plugged cacerts"
 
