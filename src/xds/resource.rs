@@ -14,14 +14,23 @@ pub fn encoded_bytes() -> &'static Arc<Counter> {
 }
 
 /// One named resource with its `Any` encoding and a content version.
+///
+/// Besides the `Any` itself it keeps the two forms responses carry it in, encoded once: the
+/// `resources` field of a SotW `DiscoveryResponse` and of a `DeltaDiscoveryResponse`. A response is
+/// then a few bytes of header fields plus these shared buffers by reference (see `wire.rs`), so a
+/// push to N connections copies no resource bytes at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resource {
     pub name: String,
     /// Hash of the encoded content: equal versions mean equal bytes, across processes too, which
     /// is what lets a Delta client that reconnects keep what it has.
     pub version: String,
-    /// The encoded `google.protobuf.Any { type_url, value }`.
+    /// The encoded `google.protobuf.Any { type_url, value }` (a slice of `sotw_field`).
     pub any: Bytes,
+    /// `DiscoveryResponse.resources` (field 2) holding `any`.
+    pub sotw_field: Bytes,
+    /// `DeltaDiscoveryResponse.resources` (field 2): `Resource { version=1, resource=2, name=3 }`.
+    pub delta_field: Bytes,
 }
 
 impl Resource {
@@ -32,12 +41,17 @@ impl Resource {
             value,
         }
         .encode_to_vec();
-        encoded_bytes().add(any.len() as u64);
         let digest = crate::pki::sha256(&any);
+        let version = hex::encode(&digest[..8]);
+        let (sotw_field, any_at) = super::wire::sotw_resource_field(&any);
+        let delta_field = super::wire::delta_resource_field(&version, &any, name);
+        encoded_bytes().add((sotw_field.len() + delta_field.len()) as u64);
         Self {
             name: name.to_string(),
-            version: hex::encode(&digest[..8]),
-            any: Bytes::from(any),
+            version,
+            any: sotw_field.slice(any_at..),
+            sotw_field,
+            delta_field,
         }
     }
 }

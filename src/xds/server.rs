@@ -16,7 +16,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Disc
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use super::generators;
@@ -24,7 +23,7 @@ use super::node::{self, ProxyInfo};
 use super::push::{PushContext, PushTarget, next_nonce};
 use super::resource::{Resource, ResourceSet};
 use super::types;
-use super::wire::{self, RawCodec};
+use super::wire::{self, GrpcFrame};
 use crate::admin::Registry;
 use crate::admin::metrics::{Counter, CounterVec, Gauge, Histogram};
 use crate::auth::{AuthChain, Credentials, FailureKind, Identity};
@@ -343,30 +342,85 @@ impl tonic::server::NamedService for AdsService {
 }
 
 type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-type ResponseStream = ReceiverStream<Result<Bytes, Status>>;
+/// What a connection task hands to its response body: a frame, or the status ending the stream.
+type Outbound = Result<GrpcFrame, Status>;
 
-struct SotwHandler(AdsService);
-struct DeltaHandler(AdsService);
+/// The HTTP/2 response body of an ADS stream: each frame's buffers in order (the shared resource
+/// buffers by reference, never copied), then the `grpc-status` trailers.
+struct AdsBody {
+    rx: mpsc::Receiver<Outbound>,
+    pending: std::collections::VecDeque<Bytes>,
+    done: bool,
+}
 
-impl tonic::server::StreamingService<DiscoveryRequest> for SotwHandler {
-    type Response = Bytes;
-    type ResponseStream = ResponseStream;
-    type Future = BoxFut<Result<tonic::Response<ResponseStream>, Status>>;
+impl http_body::Body for AdsBody {
+    type Data = Bytes;
+    type Error = Status;
 
-    fn call(&mut self, req: tonic::Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let svc = self.0.clone();
-        Box::pin(async move { svc.open(req, false).await })
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let end = match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(Ok(frame)) => {
+                    self.pending.extend(frame.chunks);
+                    continue;
+                }
+                Some(Err(status)) => status,
+                None => Status::ok(""),
+            };
+            self.done = true;
+            let mut trailers = http::HeaderMap::new();
+            let _ = end.add_header(&mut trailers);
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
     }
 }
 
-impl tonic::server::StreamingService<DeltaDiscoveryRequest> for DeltaHandler {
-    type Response = Bytes;
-    type ResponseStream = ResponseStream;
-    type Future = BoxFut<Result<tonic::Response<ResponseStream>, Status>>;
+fn grpc_response(rx: mpsc::Receiver<Outbound>) -> http::Response<tonic::body::Body> {
+    let body = AdsBody {
+        rx,
+        pending: Default::default(),
+        done: false,
+    };
+    let mut resp = http::Response::new(tonic::body::Body::new(body));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
 
-    fn call(&mut self, req: tonic::Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let svc = self.0.clone();
-        Box::pin(async move { svc.open(req, true).await })
+/// Opens a stream: requests decoded with prost, responses sent as [`GrpcFrame`]s.
+async fn serve_stream<Req, B>(svc: AdsService, req: http::Request<B>, delta: bool) -> http::Response<tonic::body::Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Conn: Handles<Req>,
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    let (parts, body) = req.into_parts();
+    let inbound = Streaming::new_request(
+        wire::ProstDecoder::<Req>::default(),
+        body,
+        None,
+        Some(svc.shared.settings.max_recv_message_bytes),
+    );
+    let request = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        inbound,
+    );
+    match svc.open(request, delta).await {
+        Ok(rx) => grpc_response(rx),
+        Err(status) => status.into_http(),
     }
 }
 
@@ -386,16 +440,8 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let svc = self.clone();
         match req.uri().path() {
-            SOTW_PATH => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(RawCodec::<DiscoveryRequest>::default())
-                    .apply_max_message_size_config(Some(svc.shared.settings.max_recv_message_bytes), None);
-                Ok(grpc.streaming(SotwHandler(svc), req).await)
-            }),
-            DELTA_PATH => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(RawCodec::<DeltaDiscoveryRequest>::default())
-                    .apply_max_message_size_config(Some(svc.shared.settings.max_recv_message_bytes), None);
-                Ok(grpc.streaming(DeltaHandler(svc), req).await)
-            }),
+            SOTW_PATH => Box::pin(async move { Ok(serve_stream::<DiscoveryRequest, B>(svc, req, false).await) }),
+            DELTA_PATH => Box::pin(async move { Ok(serve_stream::<DeltaDiscoveryRequest, B>(svc, req, true).await) }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) }),
         }
     }
@@ -415,7 +461,7 @@ impl AdsService {
         &self,
         req: tonic::Request<Streaming<Req>>,
         delta: bool,
-    ) -> Result<tonic::Response<ResponseStream>, Status>
+    ) -> Result<mpsc::Receiver<Outbound>, Status>
     where
         Conn: Handles<Req>,
     {
@@ -505,7 +551,7 @@ impl AdsService {
             cluster = tracing::field::Empty
         );
         tokio::spawn(conn.run(inbound, closing).instrument(span));
-        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        Ok(rx)
     }
 }
 
@@ -534,7 +580,7 @@ pub struct Conn {
     identity: Option<Identity>,
     secure: bool,
     proxy: Option<ProxyInfo>,
-    tx: mpsc::Sender<Result<Bytes, Status>>,
+    tx: mpsc::Sender<Outbound>,
     sotw: HashMap<&'static str, SotwWatch>,
     delta: HashMap<&'static str, DeltaWatch>,
     peer: Option<SocketAddr>,
@@ -723,7 +769,7 @@ impl Conn {
     async fn send_recorded(
         &self,
         type_url: &'static str,
-        bytes: Bytes,
+        bytes: GrpcFrame,
         nonce: String,
         version: &str,
         resources: usize,
@@ -739,7 +785,7 @@ impl Conn {
         Ok(())
     }
 
-    async fn send(&self, bytes: Bytes) -> Result<(), Status> {
+    async fn send(&self, bytes: GrpcFrame) -> Result<(), Status> {
         self.shared.metrics.sent_bytes.add(bytes.len() as u64);
         let sent = match self.shared.settings.send_timeout {
             None => self.tx.send(Ok(bytes)).await,
@@ -782,7 +828,7 @@ impl Conn {
                 .collect()
         };
         let nonce = next_nonce(&push.epoch);
-        let bytes = wire::sotw_response(&push.version, type_url, &nonce, &resources);
+        let bytes = wire::sotw_frame(&push.version, type_url, &nonce, &resources);
         let count = resources.len();
         watch.nonce_sent = Some(nonce.clone());
         self.send_recorded(type_url, bytes, nonce, &push.version, count).await
@@ -905,7 +951,7 @@ impl Conn {
         }
         let nonce = next_nonce(&push.epoch);
         watch.nonce_sent = Some(nonce.clone());
-        let bytes = wire::delta_response(&push.version, type_url, &nonce, &changed, &removed);
+        let bytes = wire::delta_frame(&push.version, type_url, &nonce, &changed, &removed);
         let count = watch.sent.len();
         self.send_recorded(type_url, bytes, nonce, &push.version, count).await
     }

@@ -1,12 +1,14 @@
-//! Response encoding from pre-encoded resources, and the gRPC codec that sends those bytes.
+//! Response encoding from pre-encoded resources, and the request decoder.
 //!
-//! Every resource is encoded once per version (`Resource::any`); a response is its header fields
-//! plus the resources' bytes copied into one buffer, so N connections receiving the same
-//! resources cost N memcpy's, not N protobuf encodings.
+//! Every resource is encoded once per version, together with the response fields that carry it
+//! (`Resource::sotw_field`, `Resource::delta_field`). A response is a [`GrpcFrame`]: the 5-byte
+//! gRPC prefix and header fields in one small buffer, then the shared resource buffers by
+//! reference. N connections receiving the same resources therefore share one copy of their
+//! bytes, also while the responses wait in HTTP/2 send buffers for slow readers.
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{DecodeBuf, Decoder};
 
 use super::resource::Resource;
 
@@ -37,22 +39,107 @@ fn bytes_len(tag: u32, n: usize) -> usize {
     prost::encoding::key_len(tag) + encoded_len_varint(n as u64) + n
 }
 
-/// `DiscoveryResponse { version_info=1, resources=2, type_url=4, nonce=5 }`.
-pub fn sotw_response(version: &str, type_url: &str, nonce: &str, resources: &[&Resource]) -> Bytes {
-    let body: usize = resources.iter().map(|r| bytes_len(2, r.any.len())).sum();
-    let mut buf =
-        BytesMut::with_capacity(body + string_len(1, version) + string_len(4, type_url) + string_len(5, nonce));
+/// `resources` (field 2) of a SotW response holding `any`; also where `any` starts in it.
+pub fn sotw_resource_field(any: &[u8]) -> (Bytes, usize) {
+    let mut buf = BytesMut::with_capacity(bytes_len(2, any.len()));
+    put_bytes(&mut buf, 2, any);
+    let at = buf.len() - any.len();
+    (buf.freeze(), at)
+}
+
+/// `resources` (field 2) of a Delta response: `Resource { version=1, resource=2, name=3 }`.
+pub fn delta_resource_field(version: &str, any: &[u8], name: &str) -> Bytes {
+    let inner = string_len(1, version) + bytes_len(2, any.len()) + string_len(3, name);
+    let mut buf = BytesMut::with_capacity(bytes_len(2, inner));
+    encode_key(2, WireType::LengthDelimited, &mut buf);
+    encode_varint(inner as u64, &mut buf);
     put_string(&mut buf, 1, version);
-    for r in resources {
-        put_bytes(&mut buf, 2, &r.any);
-    }
-    put_string(&mut buf, 4, type_url);
-    put_string(&mut buf, 5, nonce);
+    put_bytes(&mut buf, 2, any);
+    put_string(&mut buf, 3, name);
     buf.freeze()
 }
 
-/// `DeltaDiscoveryResponse { system_version_info=1, resources=2 (Resource{version=1,
-/// resource=2, name=3}), type_url=4, nonce=5, removed_resources=6 }`.
+/// One length-prefixed gRPC message as a list of buffers, sent in order without copying.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcFrame {
+    pub chunks: Vec<Bytes>,
+}
+
+impl GrpcFrame {
+    /// Bytes on the wire, prefix included.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// The protobuf message alone (without the 5-byte prefix), copied into one buffer: for tests
+    /// and tools.
+    pub fn message_bytes(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.len());
+        for c in &self.chunks {
+            out.put_slice(c);
+        }
+        out.split_off(5.min(out.len())).freeze()
+    }
+}
+
+/// Builds a frame: `head` fields, the shared `fields`, then `tail` fields.
+fn frame(head: BytesMut, fields: impl Iterator<Item = Bytes> + Clone, tail: BytesMut) -> GrpcFrame {
+    let len = head.len() + fields.clone().map(|f| f.len()).sum::<usize>() + tail.len();
+    let mut first = BytesMut::with_capacity(5 + head.len());
+    first.put_u8(0);
+    first.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    first.put_slice(&head);
+    let mut chunks = Vec::with_capacity(fields.size_hint().0 + 2);
+    chunks.push(first.freeze());
+    chunks.extend(fields.filter(|f| !f.is_empty()));
+    if !tail.is_empty() {
+        chunks.push(tail.freeze());
+    }
+    GrpcFrame { chunks }
+}
+
+/// `DiscoveryResponse { version_info=1, resources=2, type_url=4, nonce=5 }`.
+pub fn sotw_frame(version: &str, type_url: &str, nonce: &str, resources: &[&Resource]) -> GrpcFrame {
+    let mut head = BytesMut::with_capacity(string_len(1, version));
+    put_string(&mut head, 1, version);
+    let mut tail = BytesMut::with_capacity(string_len(4, type_url) + string_len(5, nonce));
+    put_string(&mut tail, 4, type_url);
+    put_string(&mut tail, 5, nonce);
+    frame(head, resources.iter().map(|r| r.sotw_field.clone()), tail)
+}
+
+/// `DeltaDiscoveryResponse { system_version_info=1, resources=2, type_url=4, nonce=5,
+/// removed_resources=6 }`.
+pub fn delta_frame(
+    system_version: &str,
+    type_url: &str,
+    nonce: &str,
+    resources: &[&Resource],
+    removed: &[String],
+) -> GrpcFrame {
+    let mut head = BytesMut::with_capacity(string_len(1, system_version));
+    put_string(&mut head, 1, system_version);
+    let mut tail = BytesMut::with_capacity(
+        string_len(4, type_url) + string_len(5, nonce) + removed.iter().map(|r| string_len(6, r)).sum::<usize>(),
+    );
+    put_string(&mut tail, 4, type_url);
+    put_string(&mut tail, 5, nonce);
+    for name in removed {
+        put_string(&mut tail, 6, name);
+    }
+    frame(head, resources.iter().map(|r| r.delta_field.clone()), tail)
+}
+
+/// The SotW response message in one buffer (tests and tools).
+pub fn sotw_response(version: &str, type_url: &str, nonce: &str, resources: &[&Resource]) -> Bytes {
+    sotw_frame(version, type_url, nonce, resources).message_bytes()
+}
+
+/// The Delta response message in one buffer (tests and tools).
 pub fn delta_response(
     system_version: &str,
     type_url: &str,
@@ -60,71 +147,18 @@ pub fn delta_response(
     resources: &[&Resource],
     removed: &[String],
 ) -> Bytes {
-    let mut buf = BytesMut::with_capacity(
-        resources
-            .iter()
-            .map(|r| r.any.len() + r.name.len() + r.version.len() + 16)
-            .sum::<usize>()
-            + removed.iter().map(|r| r.len() + 4).sum::<usize>()
-            + 128,
-    );
-    put_string(&mut buf, 1, system_version);
-    for r in resources {
-        let inner = string_len(1, &r.version) + bytes_len(2, r.any.len()) + string_len(3, &r.name);
-        encode_key(2, WireType::LengthDelimited, &mut buf);
-        encode_varint(inner as u64, &mut buf);
-        put_string(&mut buf, 1, &r.version);
-        put_bytes(&mut buf, 2, &r.any);
-        put_string(&mut buf, 3, &r.name);
-    }
-    put_string(&mut buf, 4, type_url);
-    put_string(&mut buf, 5, nonce);
-    for name in removed {
-        put_string(&mut buf, 6, name);
-    }
-    buf.freeze()
+    delta_frame(system_version, type_url, nonce, resources, removed).message_bytes()
 }
 
-/// Decodes requests with prost and sends responses as the bytes they already are.
+/// Decodes xDS requests with prost; a request that does not decode is INVALID_ARGUMENT.
 #[derive(Debug)]
-pub struct RawCodec<Req>(std::marker::PhantomData<fn() -> Req>);
+pub struct ProstDecoder<T>(std::marker::PhantomData<fn() -> T>);
 
-impl<Req> Default for RawCodec<Req> {
+impl<T> Default for ProstDecoder<T> {
     fn default() -> Self {
         Self(std::marker::PhantomData)
     }
 }
-
-impl<Req: prost::Message + Default + Send + 'static> Codec for RawCodec<Req> {
-    type Encode = Bytes;
-    type Decode = Req;
-    type Encoder = BytesEncoder;
-    type Decoder = ProstDecoder<Req>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        BytesEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder(std::marker::PhantomData)
-    }
-}
-
-#[derive(Debug)]
-pub struct BytesEncoder;
-
-impl Encoder for BytesEncoder {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-pub struct ProstDecoder<T>(std::marker::PhantomData<fn() -> T>);
 
 impl<T: prost::Message + Default> Decoder for ProstDecoder<T> {
     type Item = T;
