@@ -47,8 +47,9 @@ done
 
 # Medians over runs, per stream count.
 jq -s -r '
-  def median: sort | if length % 2 == 1 then .[length/2|floor] else (.[length/2-1] + .[length/2]) / 2 end;
-  def f: . * 10 | round / 10;
+  def median: map(select(type == "number")) | sort
+    | if length == 0 then null elif length % 2 == 1 then .[length/2|floor] else (.[length/2-1] + .[length/2]) / 2 end;
+  def f: if type == "number" then . * 10 | round / 10 else "-" end;
   (.[0].scenarios | map(.streams)) as $ns
   | ["streams", "runs", "KiB/stream", "RSS MiB", "sync s", "eds p50 ms", "eds p99 ms", "eds max ms",
      "push p50 ms", "push max ms", "share eds", "share full"],
@@ -65,4 +66,4 @@ jq -s -r '
         ($s | map(.full_push_max_ms_median) | median | f),
         ($s | map(.share_endpoint_change.ratio) | median | f),
         ($s | map(.share_full_push.ratio) | median | f)])
-  | @tsv' "$OUT"/run*.json | column -t
+  | @tsv' "$OUT"/run*.json | column -t -s "$(printf '\t')"

@@ -55,12 +55,26 @@ struct Args {
     /// Full pushes measured per stream count.
     #[arg(long, default_value_t = 5)]
     pushes: usize,
+    /// Measure full pushes only for stream counts up to this (the figure is 1,000
+    /// proxies; at 10,000 a full push needs more memory than this machine can spare).
+    #[arg(long, default_value_t = 1000)]
+    pushes_max_streams: usize,
     /// meshd's PILOT_DEBOUNCE_AFTER, in milliseconds (subtracted for "after debounce" figures).
     #[arg(long, default_value_t = 100)]
     debounce_ms: u64,
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Abort a stream count (recorded as failed) when meshd's RSS passes this, so a run cannot
+    /// exhaust the shared machine's memory.
+    #[arg(long, default_value_t = 13312)]
+    rss_limit_mib: u64,
+    /// Abort a stream count when the machine's MemAvailable drops below this.
+    #[arg(long, default_value_t = 3072)]
+    min_available_mib: u64,
+    /// After the streams close, keep meshd running this many seconds (to inspect it by hand).
+    #[arg(long, default_value_t = 0)]
+    hold_s: u64,
     /// Keep meshd's log (default: only printed on failure).
     #[arg(long)]
     keep_log: Option<PathBuf>,
@@ -207,8 +221,6 @@ impl Meshd {
                 // 400 s by design; the connection storm is not what is measured.
                 "--max-requests-per-second",
                 "0",
-                "--webhook-addr",
-                "127.0.0.1:0",
                 "--cluster-id",
                 "cluster1",
                 "--ca-key-type",
@@ -286,6 +298,18 @@ impl Drop for Meshd {
     }
 }
 
+/// MemAvailable from /proc/meminfo, in MiB (u64::MAX when unreadable).
+fn mem_available_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kb| kb / 1024)
+}
+
 async fn poll<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -323,7 +347,11 @@ fn median(mut v: Vec<f64>) -> f64 {
         return f64::NAN;
     }
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -354,6 +382,8 @@ struct Scenario {
     rss_ready_mib: f64,
     rss_settled_mib: f64,
     rss_per_stream_kib: f64,
+    /// After every stream closed (3 s later): what the streams did not give back.
+    rss_after_close_mib: f64,
     connect_s: f64,
     initial_sync_s: f64,
     initial_ready: Latency,
@@ -365,6 +395,11 @@ struct Scenario {
     endpoint_p99_ms_median: f64,
     endpoint_max_ms_median: f64,
     endpoint_p99_ms_all: f64,
+    /// meshd CPU seconds per endpoint change (change and restore pushes).
+    endpoint_cpu_s: Vec<f64>,
+    /// meshd's own pilot_proxy_convergence_time (debouncer's first event → push handed to the
+    /// stream), mean over streams, per change.
+    endpoint_meshd_convergence_ms: Vec<f64>,
     /// (c) per push, time from the API write to each stream's new CDS and LDS
     full_pushes: Vec<Latency>,
     full_push_p50_ms_median: f64,
@@ -376,6 +411,10 @@ struct Scenario {
     share_full_push: Share,
     errors: usize,
     meshd_push_convergence_count: f64,
+    /// Highest RSS seen while the streams synced (sampled every 200 ms).
+    rss_peak_mib: f64,
+    /// Why this stream count could not be measured to the end.
+    failed: Option<String>,
 }
 
 async fn scenario(
@@ -386,9 +425,21 @@ async fn scenario(
     files: &Path,
 ) -> anyhow::Result<Scenario> {
     let dir = tempfile::tempdir()?;
-    let meshd = Meshd::spawn(args, dir.path(), &files.join("primary.kubeconfig"), &files.join("remote")).await?;
-    let result = measure(args, n, apis, mesh, &meshd).await;
-    if result.is_err() {
+    let meshd = Meshd::spawn(
+        args,
+        dir.path(),
+        &files.join("primary.kubeconfig"),
+        &files.join("remote"),
+    )
+    .await?;
+    let mut out = Scenario {
+        streams: n,
+        ..Default::default()
+    };
+    let result = measure(args, n, apis, mesh, &meshd, &mut out).await;
+    if let Err(e) = &result {
+        eprintln!("[{n}] FAILED: {e:#}");
+        out.failed = Some(format!("{e:#}"));
         let log = std::fs::read_to_string(&meshd.log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         eprintln!("meshd log (last 40 lines):");
@@ -397,7 +448,7 @@ async fn scenario(
         }
     }
     meshd.stop(args.keep_log.as_deref());
-    result
+    Ok(out)
 }
 
 async fn measure(
@@ -406,20 +457,28 @@ async fn measure(
     apis: &[&FakeApiServer; 2],
     mesh: &MeshBuilder,
     meshd: &Meshd,
-) -> anyhow::Result<Scenario> {
+    out: &mut Scenario,
+) -> anyhow::Result<()> {
     let services = args.services;
     poll("meshd /ready", Duration::from_secs(120), async || {
         load::http_get(meshd.ready, "/ready").await.ok().map(|_| ())
     })
     .await?;
     let want_eps = mesh.total_endpoints;
-    poll("the whole mesh in /debug/registryz", Duration::from_secs(120), async || {
-        let body = load::http_get(meshd.monitoring, "/debug/registryz").await.ok()?;
-        let v: Value = serde_json::from_str(&body).ok()?;
-        let svcs = v["services"].as_array()?;
-        let eps: usize = svcs.iter().filter_map(|s| s["endpoints"].as_array().map(Vec::len)).sum();
-        (svcs.len() >= services && eps >= want_eps).then_some(())
-    })
+    poll(
+        "the whole mesh in /debug/registryz",
+        Duration::from_secs(120),
+        async || {
+            let body = load::http_get(meshd.monitoring, "/debug/registryz").await.ok()?;
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let svcs = v["services"].as_array()?;
+            let eps: usize = svcs
+                .iter()
+                .filter_map(|s| s["endpoints"].as_array().map(Vec::len))
+                .sum();
+            (svcs.len() >= services && eps >= want_eps).then_some(())
+        },
+    )
     .await?;
     let namespaces: Vec<String> = (0..args.namespaces).map(|i| ns(i, args.namespaces)).collect();
     let config = |streams: usize| {
@@ -435,26 +494,55 @@ async fn measure(
         let mut c = config(2 * args.namespaces * 2);
         c.delta_percent = 50;
         let warm = LoadClient::start(c).await?;
-        warm.wait_ready(Duration::from_secs(120)).await.context("warm-up streams")?;
+        warm.wait_ready(Duration::from_secs(120))
+            .await
+            .context("warm-up streams")?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut out = Scenario {
-        streams: n,
-        ..Default::default()
-    };
     let rss_before = meshd.rss()?;
     let cpu0 = meshd.cpu_s();
     let m0 = meshd.metrics().await?;
-    eprintln!("[{n}] meshd RSS before streams: {:.1} MiB", rss_before as f64 / 1048576.0);
+    eprintln!(
+        "[{n}] meshd RSS before streams: {:.1} MiB",
+        rss_before as f64 / 1048576.0
+    );
 
     // (a) connect and sync N streams.
     let t0 = Instant::now();
     let client = LoadClient::start(config(n)).await?;
     out.connect_s = t0.elapsed().as_secs_f64();
-    client
-        .wait_ready(Duration::from_secs(600))
-        .await
-        .context("initial sync")?;
+    let limit = args.rss_limit_mib * 1048576;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut peak = rss_before;
+    loop {
+        let rss = meshd.rss()?;
+        peak = peak.max(rss);
+        out.rss_peak_mib = peak as f64 / 1048576.0;
+        let ready = client.ready_count();
+        if ready == n {
+            break;
+        }
+        let available = mem_available_mib();
+        if available < args.min_available_mib {
+            bail!(
+                "the machine's MemAvailable fell to {available} MiB (--min-available-mib {}) with {ready} of {n} streams ready; meshd RSS {:.0} MiB",
+                args.min_available_mib,
+                rss as f64 / 1048576.0
+            );
+        }
+        if rss > limit {
+            bail!(
+                "meshd RSS {:.0} MiB passed --rss-limit-mib {} with {ready} of {n} streams ready after {:.1}s",
+                rss as f64 / 1048576.0,
+                args.rss_limit_mib,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        if client.error_count() > 0 || Instant::now() > deadline {
+            client.wait_ready(Duration::ZERO).await.context("initial sync")?;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     out.initial_sync_s = t0.elapsed().as_secs_f64();
     let rss_ready = meshd.rss()?;
     out.initial_cpu_s = meshd.cpu_s() - cpu0;
@@ -475,13 +563,19 @@ async fn measure(
     out.initial_received_mib = totals.bytes_received as f64 / 1048576.0;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_settled = meshd.rss()?;
+    out.rss_peak_mib = out.rss_peak_mib.max(rss_ready as f64 / 1048576.0);
     out.rss_before_mib = rss_before as f64 / 1048576.0;
     out.rss_ready_mib = rss_ready as f64 / 1048576.0;
     out.rss_settled_mib = rss_settled as f64 / 1048576.0;
     out.rss_per_stream_kib = (rss_ready.max(rss_settled) as f64 - rss_before as f64) / n as f64 / 1024.0;
     eprintln!(
         "[{n}] all ready in {:.1}s (connect {:.1}s); RSS {:.1} → {:.1} MiB (settled {:.1}): {:.1} KiB/stream",
-        out.initial_sync_s, out.connect_s, out.rss_before_mib, out.rss_ready_mib, out.rss_settled_mib, out.rss_per_stream_kib
+        out.initial_sync_s,
+        out.connect_s,
+        out.rss_before_mib,
+        out.rss_ready_mib,
+        out.rss_settled_mib,
+        out.rss_per_stream_kib
     );
 
     // (b) endpoint changes in the remote cluster: one more endpoint for a cluster2-only service.
@@ -496,12 +590,20 @@ async fn measure(
         if let Some(eps) = changed["endpoints"].as_array_mut() {
             eps.push(json!({"addresses": [addr], "conditions": {"ready": true}, "nodeName": "node-cluster2"}));
         }
-        let before = if k == 0 { Some(meshd.metrics().await?) } else { None };
+        let available = mem_available_mib();
+        if available < args.min_available_mib {
+            bail!("the machine's MemAvailable fell to {available} MiB before endpoint change {k}");
+        }
+        let m_change = meshd.metrics().await?;
+        let cpu_change = meshd.cpu_s();
+        let before = if k == 0 { Some(m_change.clone()) } else { None };
         client.arm_probe(&addr);
         let t = Instant::now();
         apis[c].apply(changed)?;
         client
-            .wait_all("the new endpoint", Duration::from_secs(120), |st| st.probe_at().is_some())
+            .wait_all("the new endpoint", Duration::from_secs(120), |st| {
+                st.probe_at().is_some()
+            })
             .await?;
         let at = client.since_base(t);
         let lat: Vec<Duration> = client
@@ -516,12 +618,29 @@ async fn measure(
             l.p50_ms, l.p99_ms, l.max_ms
         );
         out.endpoint_changes.push(l);
+        let m_after = meshd.metrics().await?;
+        let conv = |t: &str, n: &str| load::metric(t, n).unwrap_or(0.0);
+        let (sum, count) = (
+            conv(&m_after, "pilot_proxy_convergence_time_sum") - conv(&m_change, "pilot_proxy_convergence_time_sum"),
+            conv(&m_after, "pilot_proxy_convergence_time_count")
+                - conv(&m_change, "pilot_proxy_convergence_time_count"),
+        );
+        out.endpoint_meshd_convergence_ms
+            .push(if count > 0.0 { sum / count * 1e3 } else { f64::NAN });
         if let Some(b) = before {
             tokio::time::sleep(Duration::from_millis(500)).await;
             out.share_endpoint_change = share(&b, &meshd.metrics().await?);
         }
-        // Back to the original, then quiet, so the next change is a push of its own.
+        // Back to the original; wait until every stream has that push too, then quiet, so the
+        // next change starts on an idle server.
+        let eds_before: Vec<u64> = client.streams().iter().map(|s| s.responses(load::EDS)).collect();
         apis[c].apply(slice)?;
+        client
+            .wait_all("the restored endpoints", Duration::from_secs(120), |st| {
+                st.responses(load::EDS) > eds_before[st.index]
+            })
+            .await?;
+        out.endpoint_cpu_s.push(meshd.cpu_s() - cpu_change);
         tokio::time::sleep(Duration::from_millis(args.debounce_ms * 3 + 700)).await;
     }
     client.disarm_probe();
@@ -532,7 +651,8 @@ async fn measure(
     out.endpoint_p99_ms_all = lats.iter().map(|l| l.p99_ms).fold(f64::NAN, f64::max);
 
     // (c) full pushes: a new Service on a new port in the primary (new cluster, listener, route).
-    for k in 0..args.pushes {
+    let pushes = if n <= args.pushes_max_streams { args.pushes } else { 0 };
+    for k in 0..pushes {
         let before_cds: Vec<u64> = client.streams().iter().map(|s| s.responses(CDS)).collect();
         let before_lds: Vec<u64> = client.streams().iter().map(|s| s.responses(LDS)).collect();
         let m_before = if k == 0 { Some(meshd.metrics().await?) } else { None };
@@ -567,14 +687,27 @@ async fn measure(
     }
     out.full_push_p50_ms_median = median(out.full_pushes.iter().map(|l| l.p50_ms).collect());
     out.full_push_max_ms_median = median(out.full_pushes.iter().map(|l| l.max_ms).collect());
-    for k in 0..args.pushes {
+    for k in 0..pushes {
         apis[0].delete(&ResourceType::core("services"), "ns-0", &format!("push-{k}"));
     }
     let m = meshd.metrics().await?;
     out.meshd_push_convergence_count = load::metric(&m, "pilot_proxy_convergence_time_count").unwrap_or(0.0);
     out.errors = client.error_count();
     drop(client);
-    Ok(out)
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    out.rss_after_close_mib = meshd.rss()? as f64 / 1048576.0;
+    eprintln!(
+        "[{n}] RSS 3 s after the streams closed: {:.1} MiB",
+        out.rss_after_close_mib
+    );
+    if args.hold_s > 0 {
+        eprintln!(
+            "[{n}] holding meshd pid {} (monitoring {}, plaintext {}) for {} s",
+            meshd.pid, meshd.monitoring, meshd.plaintext, args.hold_s
+        );
+        tokio::time::sleep(Duration::from_secs(args.hold_s)).await;
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -585,7 +718,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     if !args.meshd.exists() {
-        bail!("{} not found: build it with cargo build --release --bin meshd", args.meshd.display());
+        bail!(
+            "{} not found: build it with cargo build --release --bin meshd",
+            args.meshd.display()
+        );
     }
     let primary = FakeApiServer::start(FakeConfig::new("127.0.0.2:0".parse()?, "cluster1")).await?;
     let remote = FakeApiServer::start(FakeConfig::new("127.0.0.3:0".parse()?, "cluster2")).await?;
@@ -638,7 +774,16 @@ async fn main() -> anyhow::Result<()> {
     eprintln!();
     eprintln!(
         "{:>7} {:>10} {:>9} {:>10} {:>12} {:>12} {:>12} {:>12} {:>8} {:>8}",
-        "streams", "KiB/strm", "RSS MiB", "sync s", "eds p50 ms", "eds p99 ms", "push p50", "push max", "share E", "share F"
+        "streams",
+        "KiB/strm",
+        "RSS MiB",
+        "sync s",
+        "eds p50 ms",
+        "eds p99 ms",
+        "push p50",
+        "push max",
+        "share E",
+        "share F"
     );
     for s in &results {
         eprintln!(

@@ -126,7 +126,9 @@ pub fn node(cfg: &LoadConfig, i: usize) -> Node {
     let cluster = &cfg.cluster_ids[i % cfg.cluster_ids.len().max(1)];
     let ip = proxy_ip(cfg.ip_offset + i);
     let mut labels = Struct::default();
-    labels.fields.insert("app".into(), string_value(&format!("load-{}", i % 100)));
+    labels
+        .fields
+        .insert("app".into(), string_value(&format!("load-{}", i % 100)));
     let mut md = Struct::default();
     for (k, v) in [
         ("CLUSTER_ID", cluster.as_str()),
@@ -329,9 +331,7 @@ fn listener_routes<'a>(l: &'a [u8], out: &mut Vec<&'a str>) {
 fn assignment_has(cla: &[u8], addr: &str) -> bool {
     pb::each(cla, 2).any(|loc| {
         pb::each(loc, 2).any(|lb| {
-            pb::each(lb, 1).any(|ep| {
-                pb::each(ep, 1).any(|a| pb::each(a, 1).any(|sa| pb::string(sa, 2) == addr))
-            })
+            pb::each(lb, 1).any(|ep| pb::each(ep, 1).any(|a| pb::each(a, 1).any(|sa| pb::string(sa, 2) == addr)))
         })
     })
 }
@@ -753,7 +753,12 @@ struct GrpcStatus {
 /// Runs one stream; a stream the server refuses before its first response (RESOURCE_EXHAUSTED:
 /// meshd's new-stream rate limit, PILOT_MAX_REQUESTS_PER_SECOND) is opened again after a
 /// jittered backoff, as Envoy does.
-async fn stream_task(cfg: Arc<LoadConfig>, shared: Arc<Shared>, st: Arc<StreamState>, send: h2::client::SendRequest<Bytes>) {
+async fn stream_task(
+    cfg: Arc<LoadConfig>,
+    shared: Arc<Shared>,
+    st: Arc<StreamState>,
+    send: h2::client::SendRequest<Bytes>,
+) {
     let mut attempt = 0u32;
     loop {
         let result = open_stream(&cfg, &shared, &st, send.clone()).await;
@@ -921,6 +926,10 @@ impl Runner {
                 let msg = buf.split_to(len).freeze();
                 self.handle(&msg)?;
             }
+            if buf.is_empty() {
+                // Do not keep the last response's allocation alive between responses.
+                buf = BytesMut::new();
+            }
         }
         let trailers = body.trailers().await.context("trailers")?;
         let status = trailers
@@ -1005,7 +1014,9 @@ impl Runner {
                 names.sort_unstable();
                 names.dedup();
                 let rds = &self.sotw[RDS];
-                if (!rds.requested && !names.is_empty()) || (rds.requested && rds.names_hash != hash_names(names.iter().copied())) {
+                if (!rds.requested && !names.is_empty())
+                    || (rds.requested && rds.names_hash != hash_names(names.iter().copied()))
+                {
                     self.request(RDS, &names, &[])?;
                 }
                 self.ack_sotw(LDS, r)
@@ -1065,7 +1076,11 @@ impl Runner {
                 for res in &r.resources {
                     let mut names = Vec::new();
                     listener_routes(res.value, &mut names);
-                    let l = if res.name.is_empty() { pb::string(res.value, 1) } else { res.name };
+                    let l = if res.name.is_empty() {
+                        pb::string(res.value, 1)
+                    } else {
+                        res.name
+                    };
                     self.delta
                         .listeners
                         .insert(l.to_string(), names.iter().map(|s| s.to_string()).collect());
@@ -1124,7 +1139,8 @@ impl Runner {
 
 /// VmRSS of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading /proc/{pid}/status"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kb = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -1136,7 +1152,9 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 /// GET `path` over HTTP/1.1 on `addr`; the body of a 200 answer.
 pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
     tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut out = Vec::new();
@@ -1155,7 +1173,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -1316,7 +1336,11 @@ pub async fn run(args: XdsBenchArgs) -> anyhow::Result<()> {
             report.ready,
             report.streams,
             report.errors,
-            report.first_error.as_deref().map(|e| format!(" (first: {e})")).unwrap_or_default()
+            report
+                .first_error
+                .as_deref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
         );
         println!(
             "opened in {:.2}s, all ready after {:.2}s; per stream ready p50 {:.0} ms, p99 {:.0} ms",
@@ -1459,7 +1483,10 @@ mod tests {
         let n = r.node.unwrap();
         assert!(n.id.starts_with("sidecar~10.1.0.1~load-0.default~"), "{}", n.id);
         let info = crate::xds::node::parse(Some(&n)).unwrap();
-        assert_eq!((info.cluster_id.as_str(), info.namespace.as_str()), ("cluster1", "default"));
+        assert_eq!(
+            (info.cluster_id.as_str(), info.namespace.as_str()),
+            ("cluster1", "default")
+        );
     }
 
     #[test]
