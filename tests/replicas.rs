@@ -63,11 +63,7 @@ impl Replica {
                 }
             }
         });
-        Self {
-            child,
-            addrs,
-            data_dir,
-        }
+        Self { child, addrs, data_dir }
     }
 
     fn addr(&self, listener: &str) -> Option<SocketAddr> {
@@ -201,5 +197,8 @@ async fn the_survivor_takes_over_when_the_leader_is_killed() {
     })
     .await;
     let m = survivor.metrics().await;
-    assert!(metric_value(&m, "meshd_webhook_cabundle_patches{cluster=\"cluster1\"}") >= 1.0, "{m}");
+    assert!(
+        metric_value(&m, "meshd_webhook_cabundle_patches{cluster=\"cluster1\"}") >= 1.0,
+        "{m}"
+    );
 }

@@ -641,14 +641,19 @@ async fn a_proxy_that_stops_reading_is_closed_after_the_send_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_wait_for_a_starting_server_then_get_unavailable() {
     let t = start().await;
-    eventually("meshd ready", Duration::from_secs(10), async || t.m().readiness.is_ready()).await;
+    eventually("meshd ready", Duration::from_secs(10), async || {
+        t.m().readiness.is_ready()
+    })
+    .await;
     let xds = t.m().xds.clone();
     xds.hold_until_ready();
     // A stream opened now waits for the first push instead of getting an empty mesh.
     let ch = plaintext(&t).await;
     let mut opening = tokio::spawn(async move { Sotw::open(ch, None).await });
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut opening).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), &mut opening)
+            .await
+            .is_err(),
         "the stream is held while not ready"
     );
     xds.set_ready();
@@ -664,6 +669,9 @@ async fn streams_wait_for_a_starting_server_then_get_unavailable() {
         panic!("refused while never ready")
     };
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("not ready to serve discovery information"), "{err:?}");
+    assert!(
+        err.message().contains("not ready to serve discovery information"),
+        "{err:?}"
+    );
     assert!(started.elapsed() >= meshd::xds::server::NOT_READY_WAIT - Duration::from_millis(100));
 }
