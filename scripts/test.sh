@@ -3,7 +3,8 @@
 #   1. a Python venv at <repo>/.venv with tests/interop/requirements.txt (reinstalled only when
 #      the requirements or the interpreter change),
 #   2. cargo build --all-targets, then cargo test --all-targets,
-#   3. the interop tests (pytest tests/interop) against the freshly built target/debug/meshd.
+#   3. the interop tests (pytest tests/interop) against the freshly built target/debug/meshd,
+#   4. a short run of every cargo-fuzz target (scripts/fuzz.sh; FUZZ_SECONDS each, default 20).
 # Exits non-zero if anything fails. A skipped interop test is a failure (tests/interop/conftest.py
 # turns every skip into a failure and prints its reason).
 #
@@ -68,3 +69,9 @@ echo "MESHD_BIN=$MESHD_BIN"
 export PYTHONDONTWRITEBYTECODE=1
 "$VENV/bin/python" -m pytest tests/interop \
   -p no:cacheprovider -rfEsx --strict-markers -o xfail_strict=true "$@"
+
+section "fuzz smoke run (scripts/fuzz.sh: cargo fuzz, every target ${FUZZ_SECONDS:-20}s)"
+# Installs the pinned cargo-fuzz if missing, builds every target in fuzz/ and runs each for
+# FUZZ_SECONDS; a crash, a failed assertion, or failing to install or build fails this script.
+# Longer runs: docs/fuzzing.md.
+FUZZ_PROFILE="${FUZZ_PROFILE:-dev}" bash "$ROOT/scripts/fuzz.sh" "${FUZZ_SECONDS:-20}"
