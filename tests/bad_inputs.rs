@@ -9,7 +9,6 @@ use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use meshd::pki::keys::KeyType;
 use tokio::sync::mpsc;
@@ -25,24 +24,10 @@ fn b64(data: &[u8]) -> String {
 }
 
 fn node(i: usize) -> Node {
-    let md = [("CLUSTER_ID", "cluster1"), ("NAMESPACE", "default")];
-    Node {
-        id: format!("sidecar~10.8.0.{i}~app-{i}.default~default.svc.cluster.local"),
-        metadata: Some(Struct {
-            fields: md
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(v.to_string())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
+    xds_node(
+        &format!("sidecar~10.8.0.{i}~app-{i}.default~default.svc.cluster.local"),
+        &[("CLUSTER_ID", "cluster1"), ("NAMESPACE", "default")],
+    )
 }
 
 async fn meshd() -> TestMeshd {

@@ -9,31 +9,13 @@ use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 fn node(id: &str, ns: &str) -> Node {
-    let md = [("CLUSTER_ID", "cluster1"), ("NAMESPACE", ns)];
-    Node {
-        id: id.into(),
-        metadata: Some(Struct {
-            fields: md
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(v.to_string())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
+    xds_node(id, &[("CLUSTER_ID", "cluster1"), ("NAMESPACE", ns)])
 }
 
 /// A sidecar connected over the plaintext port; keep the sender alive to keep the stream.

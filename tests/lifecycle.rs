@@ -12,7 +12,6 @@ use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -20,24 +19,10 @@ use tonic::Code;
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 fn sidecar_node(i: usize) -> Node {
-    let md = [("CLUSTER_ID", "cluster1"), ("NAMESPACE", "default")];
-    Node {
-        id: format!("sidecar~10.9.0.{i}~app-{i}.default~default.svc.cluster.local"),
-        metadata: Some(Struct {
-            fields: md
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(v.to_string())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
+    xds_node(
+        &format!("sidecar~10.9.0.{i}~app-{i}.default~default.svc.cluster.local"),
+        &[("CLUSTER_ID", "cluster1"), ("NAMESPACE", "default")],
+    )
 }
 
 /// An ADS stream that has received its first CDS response.

@@ -181,3 +181,25 @@ pub fn non_loopback_ip() -> std::net::IpAddr {
     assert!(!ip.is_loopback(), "no non-loopback address on this machine");
     ip
 }
+
+/// An Envoy `Node` with string metadata, as the xDS tests send on a stream's first request.
+pub fn xds_node(id: &str, md: &[(&str, &str)]) -> envoy_types::pb::envoy::config::core::v3::Node {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    envoy_types::pb::envoy::config::core::v3::Node {
+        id: id.into(),
+        metadata: Some(Struct {
+            fields: md
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        Value {
+                            kind: Some(Kind::StringValue(v.to_string())),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    }
+}
