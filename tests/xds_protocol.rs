@@ -513,21 +513,18 @@ async fn secrets_go_only_to_authenticated_gateways_never_on_the_plaintext_port()
     assert!(r.resources.is_empty(), "no secret on the plaintext port");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_client_never_delays_others_and_its_pushes_coalesce() {
-    let t = start().await;
-    // Large assignments so a client that stops reading fills its HTTP/2 window quickly.
+/// 2,000 endpoints for echo (large assignments fill a window quickly), then two acked EDS
+/// streams: one whose HTTP/2 windows are the protocol minimum (so the server feels it stop
+/// reading), and a normal one. Returns the endpoint IPs and the (stuck, live) streams.
+async fn stuck_and_live(t: &TestMeshd) -> (Vec<String>, Sotw, Sotw) {
     let many: Vec<String> = (0..2000)
         .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
         .collect();
-    let ips = |n: usize| many[..n].iter().map(String::as_str).collect::<Vec<_>>();
-    seed(&t, &ips(2000));
+    seed(t, &many.iter().map(String::as_str).collect::<Vec<_>>());
     eventually("model pushed", Duration::from_secs(5), async || {
         t.m().xds.current().snapshot.services.contains_key(ECHO)
     })
     .await;
-
-    // The stuck client's HTTP/2 windows are the protocol minimum, so the server feels it stop reading.
     let small = tonic::transport::Endpoint::from_shared(format!("http://{}", t.m().addrs.plaintext))
         .unwrap()
         .initial_stream_window_size(65_535)
@@ -539,11 +536,18 @@ async fn a_stuck_client_never_delays_others_and_its_pushes_coalesce() {
     stuck.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
     let first = stuck.recv().await.unwrap();
     stuck.send(req(EDS, &[ECHO_80], &first.nonce, None)).await;
-
-    let mut live = Sotw::open(plaintext(&t).await, None).await.unwrap();
+    let mut live = Sotw::open(plaintext(t).await, None).await.unwrap();
     live.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
     let r = live.recv().await.unwrap();
     live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
+    (many, stuck, live)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_never_delays_others_and_its_pushes_coalesce() {
+    let t = start().await;
+    let (many, mut stuck, mut live) = stuck_and_live(&t).await;
+    let ips = |n: usize| many[..n].iter().map(String::as_str).collect::<Vec<_>>();
 
     // The stuck client reads nothing from here on, while 30 endpoint changes are pushed.
     for i in 0..30 {
@@ -583,30 +587,8 @@ async fn a_proxy_that_stops_reading_is_closed_after_the_send_timeout() {
         a.xds_send_queue = 1;
     })
     .await;
-    let many: Vec<String> = (0..2000)
-        .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
-        .collect();
+    let (many, mut stuck, mut live) = stuck_and_live(&t).await;
     let ips = |n: usize| many[..n].iter().map(String::as_str).collect::<Vec<_>>();
-    seed(&t, &ips(2000));
-    eventually("model pushed", Duration::from_secs(5), async || {
-        t.m().xds.current().snapshot.services.contains_key(ECHO)
-    })
-    .await;
-    let small = tonic::transport::Endpoint::from_shared(format!("http://{}", t.m().addrs.plaintext))
-        .unwrap()
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect()
-        .await
-        .unwrap();
-    let mut stuck = Sotw::open(small, None).await.unwrap();
-    stuck.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
-    let first = stuck.recv().await.unwrap();
-    stuck.send(req(EDS, &[ECHO_80], &first.nonce, None)).await;
-    let mut live = Sotw::open(plaintext(&t).await, None).await.unwrap();
-    live.send(req(EDS, &[ECHO_80], "", Some(gateway_node()))).await;
-    let r = live.recv().await.unwrap();
-    live.send(req(EDS, &[ECHO_80], &r.nonce, None)).await;
 
     // The stuck client reads nothing while changes are pushed, until meshd gives up on it.
     let mut i = 0;
