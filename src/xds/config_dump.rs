@@ -1,6 +1,6 @@
 //! `/debug/config_dump?proxyID=`: what meshd would send a connected proxy now, type by type,
 //! built by the same generators its stream uses. Secrets are never dumped.
-use std::collections::BTreeSet;
+use super::interned::NameSet;
 
 use prost::Message;
 use serde::Serialize;
@@ -41,11 +41,11 @@ pub fn dump(push: &PushContext, proxy: &ProxyInfo, detail: bool) -> ConfigDump {
         push_version: push.version.to_string(),
         types: Default::default(),
     };
-    let none = BTreeSet::new();
+    let none = NameSet::new();
     let clusters = generators::generate_named(push, proxy, types::CLUSTER, &none);
     let listeners = generators::generate_named(push, proxy, types::LISTENER, &none);
     // EDS and RDS are asked for by name: dump what the clusters and listeners refer to.
-    let eds_names: BTreeSet<String> = clusters.keys().cloned().collect();
+    let eds_names = NameSet::from_requested(clusters.keys());
     let endpoints = generators::generate_named(push, proxy, types::ENDPOINT, &eds_names);
     let routes = generators::generate_named(push, proxy, types::ROUTE, &none);
     for (t, set, filter) in [
@@ -58,7 +58,7 @@ pub fn dump(push: &PushContext, proxy: &ProxyInfo, detail: bool) -> ConfigDump {
             .values()
             .filter(|r| filter.is_none_or(|f| f.contains(&r.name)))
             .map(|r| DumpedResource {
-                name: r.name.clone(),
+                name: r.name.to_string(),
                 version: r.version.clone(),
                 bytes: r.any.len(),
                 detail: detail.then(|| decode(t, &r.any)),

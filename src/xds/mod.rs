@@ -3,8 +3,10 @@
 
 pub mod config_dump;
 pub mod generators;
+pub mod interned;
 pub mod node;
 pub mod push;
+pub mod requests;
 pub mod resource;
 pub mod server;
 pub mod types;

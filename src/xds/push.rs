@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::generators::eds;
 use super::generators::router::{NoSecrets, SecretSource};
+use super::interned::Name;
 use super::resource::{Resource, ResourceSet};
 use super::types;
 use crate::registry::{Change, MeshStore, Snapshot};
@@ -44,6 +45,9 @@ pub struct PushContext {
     /// Hostname → its EDS resources; carried over from the previous context for unchanged hosts.
     eds_by_host: Mutex<BTreeMap<String, Arc<Vec<Arc<Resource>>>>>,
     eds_all: OnceLock<Arc<ResourceSet>>,
+    /// EDS cluster names of the hosts this context's change touched, computed once and read by
+    /// every connection's endpoint push.
+    changed_eds: OnceLock<Arc<Vec<Name>>>,
 }
 
 impl std::fmt::Debug for PushContext {
@@ -71,6 +75,7 @@ impl PushContext {
             cache: Mutex::default(),
             eds_by_host: Mutex::default(),
             eds_all: OnceLock::new(),
+            changed_eds: OnceLock::new(),
         }
     }
 
@@ -134,20 +139,31 @@ impl PushContext {
             let mut all = ResourceSet::new();
             for host in self.snapshot.services.keys() {
                 for r in self.host_eds(host).iter() {
-                    all.insert(r.name.clone(), Arc::clone(r));
+                    all.insert(r.name.to_string(), Arc::clone(r));
                 }
             }
             Arc::new(all)
         }))
     }
 
-    /// EDS cluster names of the hosts whose endpoints changed.
-    pub fn changed_eds_names(&self) -> std::collections::BTreeSet<String> {
-        self.change
-            .endpoint_hosts
+    /// EDS cluster names of `hosts`, sorted. A connection's coalesced push can span several
+    /// contexts' changes, so it asks for its own hosts; the common case, exactly this context's
+    /// change, is computed once and shared by every connection.
+    pub fn eds_names_of(&self, hosts: &std::collections::BTreeSet<String>) -> Arc<Vec<Name>> {
+        if *hosts == self.change.endpoint_hosts {
+            return Arc::clone(self.changed_eds.get_or_init(|| Arc::new(self.collect_eds_names(hosts))));
+        }
+        Arc::new(self.collect_eds_names(hosts))
+    }
+
+    fn collect_eds_names(&self, hosts: &std::collections::BTreeSet<String>) -> Vec<Name> {
+        let mut names: Vec<Name> = hosts
             .iter()
-            .flat_map(|h| self.host_eds(h).iter().map(|r| r.name.clone()).collect::<Vec<_>>())
-            .collect()
+            .flat_map(|h| self.host_eds(h).iter().map(|r| Arc::clone(&r.name)).collect::<Vec<_>>())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 

@@ -21,7 +21,8 @@ pub fn encoded_bytes() -> &'static Arc<Counter> {
 /// push to N connections copies no resource bytes at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resource {
-    pub name: String,
+    /// Interned: the streams that watch it share this copy.
+    pub name: super::interned::Name,
     /// Hash of the encoded content: equal versions mean equal bytes, across processes too, which
     /// is what lets a Delta client that reconnects keep what it has.
     pub version: String,
@@ -47,7 +48,7 @@ impl Resource {
         let delta_field = super::wire::delta_resource_field(&version, &any, name);
         encoded_bytes().add((sotw_field.len() + delta_field.len()) as u64);
         Self {
-            name: name.to_string(),
+            name: super::interned::intern(name),
             version,
             any: sotw_field.slice(any_at..),
             sotw_field,

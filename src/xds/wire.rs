@@ -1,10 +1,11 @@
 //! Response encoding from pre-encoded resources, and the request decoder.
 //!
 //! Every resource is encoded once per version, together with the response fields that carry it
-//! (`Resource::sotw_field`, `Resource::delta_field`). A response is a [`GrpcFrame`]: the 5-byte
-//! gRPC prefix and header fields in one small buffer, then the shared resource buffers by
-//! reference. N connections receiving the same resources therefore share one copy of their
-//! bytes, also while the responses wait in HTTP/2 send buffers for slow readers.
+//! (`Resource::sotw_field`, `Resource::delta_field`). A response is a [`GrpcFrame`]: the gRPC
+//! prefix, header fields and the small resource fields copied into a few runs of up to 64 KiB,
+//! and large resource fields (16 KiB and up) by reference. Nothing is re-encoded per connection;
+//! the copy of the small fields is one memcpy and keeps HTTP/2's per-connection frame queue short
+//! (see [`SHARE_AT`]).
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::Status;
@@ -86,20 +87,78 @@ impl GrpcFrame {
     }
 }
 
+/// Fields at least this long are sent by reference; shorter ones are copied into runs.
+///
+/// Every buffer a response body yields becomes one queued DATA frame in h2, whose per-connection
+/// frame slab keeps its high-water mark for the life of the connection (a few hundred bytes per
+/// slot). Handing h2 thousands of 200-byte resource fields per response (a sidecar's EDS or CDS)
+/// cost about 1 MiB of slab per stream; runs of up to [`RUN_BYTES`] keep it to a few dozen slots,
+/// for one memcpy of the small fields (BENCHMARKS.md, "xDS").
+const SHARE_AT: usize = 16 * 1024;
+/// Size of one run of copied fields.
+const RUN_BYTES: usize = 64 * 1024;
+
+/// Collects a frame's buffers: large ones by reference, small ones copied into runs.
+struct Runs {
+    chunks: Vec<Bytes>,
+    run: BytesMut,
+    /// Bytes still to come, so a run is never allocated larger than the frame needs.
+    remaining: usize,
+}
+
+impl Runs {
+    fn new(total: usize) -> Self {
+        Self {
+            chunks: Vec::new(),
+            run: BytesMut::new(),
+            remaining: total,
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.run.is_empty() {
+            self.chunks.push(self.run.split().freeze());
+        }
+    }
+
+    fn put_slice(&mut self, b: &[u8]) {
+        if self.run.capacity() - self.run.len() < b.len() {
+            self.flush();
+            self.run = BytesMut::with_capacity(self.remaining.clamp(b.len(), RUN_BYTES.max(b.len())));
+        }
+        self.run.put_slice(b);
+        self.remaining = self.remaining.saturating_sub(b.len());
+    }
+
+    fn put(&mut self, b: Bytes) {
+        if b.len() >= SHARE_AT {
+            self.flush();
+            self.remaining = self.remaining.saturating_sub(b.len());
+            self.chunks.push(b);
+        } else if !b.is_empty() {
+            self.put_slice(&b);
+        }
+    }
+
+    fn finish(mut self) -> GrpcFrame {
+        self.flush();
+        GrpcFrame { chunks: self.chunks }
+    }
+}
+
 /// Builds a frame: `head` fields, the shared `fields`, then `tail` fields.
 fn frame(head: BytesMut, fields: impl Iterator<Item = Bytes> + Clone, tail: BytesMut) -> GrpcFrame {
     let len = head.len() + fields.clone().map(|f| f.len()).sum::<usize>() + tail.len();
-    let mut first = BytesMut::with_capacity(5 + head.len());
-    first.put_u8(0);
-    first.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-    first.put_slice(&head);
-    let mut chunks = Vec::with_capacity(fields.size_hint().0 + 2);
-    chunks.push(first.freeze());
-    chunks.extend(fields.filter(|f| !f.is_empty()));
-    if !tail.is_empty() {
-        chunks.push(tail.freeze());
+    let mut runs = Runs::new(5 + len);
+    let mut prefix = [0u8; 5];
+    prefix[1..].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    runs.put_slice(&prefix);
+    runs.put_slice(&head);
+    for f in fields {
+        runs.put(f);
     }
-    GrpcFrame { chunks }
+    runs.put_slice(&tail);
+    runs.finish()
 }
 
 /// `DiscoveryResponse { version_info=1, resources=2, type_url=4, nonce=5 }`.
@@ -119,17 +178,19 @@ pub fn delta_frame(
     type_url: &str,
     nonce: &str,
     resources: &[&Resource],
-    removed: &[String],
+    removed: &[impl AsRef<str>],
 ) -> GrpcFrame {
     let mut head = BytesMut::with_capacity(string_len(1, system_version));
     put_string(&mut head, 1, system_version);
     let mut tail = BytesMut::with_capacity(
-        string_len(4, type_url) + string_len(5, nonce) + removed.iter().map(|r| string_len(6, r)).sum::<usize>(),
+        string_len(4, type_url)
+            + string_len(5, nonce)
+            + removed.iter().map(|r| string_len(6, r.as_ref())).sum::<usize>(),
     );
     put_string(&mut tail, 4, type_url);
     put_string(&mut tail, 5, nonce);
     for name in removed {
-        put_string(&mut tail, 6, name);
+        put_string(&mut tail, 6, name.as_ref());
     }
     frame(head, resources.iter().map(|r| r.delta_field.clone()), tail)
 }
@@ -215,5 +276,38 @@ mod tests {
             super::super::types::ENDPOINT
         );
         assert_eq!(d.removed_resources, vec!["gone".to_string()]);
+    }
+
+    #[test]
+    fn small_fields_are_copied_into_few_runs_and_large_ones_shared() {
+        let small: Vec<Resource> = (0..2_000)
+            .map(|i| res(&format!("outbound|80||svc-{i}.ns.svc.cluster.local")))
+            .collect();
+        let big_cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment {
+            cluster_name: "x".repeat(SHARE_AT),
+            ..Default::default()
+        };
+        let big = Resource::new("big", super::super::types::ENDPOINT, &big_cla);
+        let mut all: Vec<&Resource> = small.iter().collect();
+        all.insert(1_000, &big);
+        let frame = sotw_frame("v1", super::super::types::ENDPOINT, "n1", &all);
+        // A handful of HTTP/2 DATA frames, not one per resource.
+        assert!(frame.chunks.len() < 10, "{} chunks", frame.chunks.len());
+        assert!(frame.chunks.iter().all(|c| c.len() <= RUN_BYTES || c.len() >= SHARE_AT));
+        // The large field is the resource's own buffer, not a copy.
+        assert!(frame.chunks.iter().any(|c| c.as_ptr() == big.sotw_field.as_ptr()));
+        let wire: Vec<u8> = frame.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(wire[0], 0);
+        assert_eq!(
+            u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize,
+            wire.len() - 5
+        );
+        let d = DiscoveryResponse::decode(&wire[5..]).unwrap();
+        assert_eq!(d.resources.len(), 2_001);
+        assert_eq!(d.nonce, "n1");
+        assert!(
+            d.resources[1_000].encode_to_vec() == big.any.to_vec(),
+            "the large resource arrives intact"
+        );
     }
 }

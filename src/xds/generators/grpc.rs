@@ -12,7 +12,7 @@
 //!   routes from a mesh VirtualService for the host (weighted clusters, subsets) or one route to
 //!   the default cluster.
 //! - CDS (cds.rs, class `grpc`) and EDS are the common ones.
-use std::collections::BTreeSet;
+use crate::xds::interned::NameSet;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
@@ -36,12 +36,7 @@ pub const INBOUND_PREFIX: &str = "xds.istio.io/grpc/lds/inbound/";
 
 /// Resources of `type_url` for a gRPC proxy that subscribed to `names`, or `None` for the types
 /// the common generators serve (CDS, EDS).
-pub fn generate(
-    push: &PushContext,
-    proxy: &ProxyInfo,
-    type_url: &str,
-    names: &BTreeSet<String>,
-) -> Option<Arc<ResourceSet>> {
+pub fn generate(push: &PushContext, proxy: &ProxyInfo, type_url: &str, names: &NameSet) -> Option<Arc<ResourceSet>> {
     match type_url {
         types::LISTENER => Some(Arc::new(listeners(push, proxy, names))),
         types::ROUTE => Some(push.cached(types::ROUTE, "grpc".into(), || route_configs(push))),
@@ -51,7 +46,7 @@ pub fn generate(
 
 /// Whether responses of `type_url` to this proxy carry only the subscribed names, even for a
 /// wildcard type: gRPC subscribes to listeners and clusters by name.
-pub fn by_name(proxy: &ProxyInfo, type_url: &str, names: &BTreeSet<String>) -> bool {
+pub fn by_name(proxy: &ProxyInfo, type_url: &str, names: &NameSet) -> bool {
     !types::is_wildcard_type(type_url) || (proxy.is_grpc() && !names.is_empty())
 }
 
@@ -73,9 +68,9 @@ fn split_host_port(name: &str) -> (&str, Option<u16>) {
     }
 }
 
-fn listeners(push: &PushContext, proxy: &ProxyInfo, names: &BTreeSet<String>) -> ResourceSet {
+fn listeners(push: &PushContext, proxy: &ProxyInfo, names: &NameSet) -> ResourceSet {
     let mut out = ResourceSet::new();
-    for name in names {
+    for name in names.iter().map(|n| &**n) {
         let set = if let Some(addr) = name.strip_prefix(INBOUND_PREFIX) {
             let (host, Some(port)) = split_host_port(addr) else {
                 tracing::debug!(node = %proxy.node_id, %name, "unparseable gRPC server listener name");
@@ -89,7 +84,7 @@ fn listeners(push: &PushContext, proxy: &ProxyInfo, names: &BTreeSet<String>) ->
             push.cached(types::LISTENER, format!("grpc-inbound|{name}"), || {
                 let mut s = ResourceSet::new();
                 let l = server_listener(name, &host, port);
-                s.insert(name.clone(), Arc::new(Resource::new(name, types::LISTENER, &l)));
+                s.insert(name.to_string(), Arc::new(Resource::new(name, types::LISTENER, &l)));
                 s
             })
         } else {
@@ -107,7 +102,7 @@ fn listeners(push: &PushContext, proxy: &ProxyInfo, names: &BTreeSet<String>) ->
             push.cached(types::LISTENER, format!("grpc|{name}|{fqdn}|{port}"), || {
                 let mut s = ResourceSet::new();
                 let l = client_listener(name, &fqdn, port);
-                s.insert(name.clone(), Arc::new(Resource::new(name, types::LISTENER, &l)));
+                s.insert(name.to_string(), Arc::new(Resource::new(name, types::LISTENER, &l)));
                 s
             })
         };
@@ -305,7 +300,7 @@ pub(super) mod tests {
     fn listeners_are_built_for_the_requested_names() {
         let push = push();
         let p = proxy("10.0.0.5", true);
-        let names: BTreeSet<String> = [
+        let names: NameSet = [
             "echo:7070",
             "echo.default.svc.cluster.local:7070",
             "echo.other:7070",
@@ -365,7 +360,7 @@ pub(super) mod tests {
     #[test]
     fn routes_answer_to_every_form_of_the_host() {
         let push = push();
-        let rds = generate(&push, &proxy("10.0.0.5", true), types::ROUTE, &BTreeSet::new()).unwrap();
+        let rds = generate(&push, &proxy("10.0.0.5", true), types::ROUTE, &NameSet::new()).unwrap();
         let rc: RouteConfiguration = decode(&rds, "outbound|7070||echo.default.svc.cluster.local");
         assert_eq!(rc.virtual_hosts.len(), 1);
         let d = &rc.virtual_hosts[0].domains;
@@ -382,10 +377,10 @@ pub(super) mod tests {
 
     #[test]
     fn only_grpc_subscriptions_to_wildcard_types_are_filtered_by_name() {
-        let names: BTreeSet<String> = ["a".to_string()].into();
+        let names = NameSet::from_requested(["a"]);
         assert!(by_name(&proxy("10.0.0.5", true), types::LISTENER, &names));
         assert!(by_name(&proxy("10.0.0.5", true), types::CLUSTER, &names));
-        assert!(!by_name(&proxy("10.0.0.5", true), types::CLUSTER, &BTreeSet::new()));
+        assert!(!by_name(&proxy("10.0.0.5", true), types::CLUSTER, &NameSet::new()));
         assert!(!by_name(&proxy("10.0.0.5", false), types::LISTENER, &names));
         assert!(by_name(&proxy("10.0.0.5", false), types::ROUTE, &names));
     }

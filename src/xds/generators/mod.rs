@@ -9,9 +9,9 @@ pub mod router;
 pub mod sidecar;
 pub mod upstream_tls;
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use super::interned::NameSet;
 use super::node::ProxyInfo;
 use super::push::PushContext;
 use super::resource::ResourceSet;
@@ -34,12 +34,7 @@ pub fn generate(push: &PushContext, proxy: &ProxyInfo, type_url: &str) -> Arc<Re
 /// [`generate`] for a connection that subscribed to `names`: proxyless gRPC gets its listeners and
 /// routes per requested name (grpc.rs), sidecars Istio's sidecar layout (sidecar.rs); everything
 /// else (gateways, EDS, gRPC's CDS) is [`generate`].
-pub fn generate_named(
-    push: &PushContext,
-    proxy: &ProxyInfo,
-    type_url: &str,
-    names: &BTreeSet<String>,
-) -> Arc<ResourceSet> {
+pub fn generate_named(push: &PushContext, proxy: &ProxyInfo, type_url: &str, names: &NameSet) -> Arc<ResourceSet> {
     let own = if proxy.is_grpc() {
         grpc::generate(push, proxy, type_url, names)
     } else if proxy.kind == super::node::ProxyKind::Sidecar {
