@@ -401,6 +401,34 @@ async fn delta_sends_changes_removals_and_honours_initial_versions() {
 }
 
 #[tokio::test]
+async fn delta_resends_what_a_client_unsubscribed_and_subscribes_again() {
+    let t = start().await;
+    seed(&t, &["10.0.0.1"]);
+    eventually("model pushed", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
+    let mut d = Delta::open(plaintext(&t).await).await;
+    d.send(dreq(CDS, &[], "", Some(gateway_node()))).await;
+    let cds = d.recv().await;
+    d.send(dreq(CDS, &[], &cds.nonce, None)).await;
+    d.send(dreq(EDS, &[ECHO_80], "", None)).await;
+    let eds = d.recv().await;
+    assert_eq!(eds.resources.len(), 1);
+    // Unsubscribing is not answered; the client no longer holds the assignment.
+    let mut unsubscribe = dreq(EDS, &[], &eds.nonce, None);
+    unsubscribe.resource_names_unsubscribe = vec![ECHO_80.into()];
+    d.send(unsubscribe).await;
+    // Subscribing again brings it back, although its version never changed.
+    d.send(dreq(EDS, &[ECHO_80], &eds.nonce, None)).await;
+    let again = d.recv().await;
+    assert_eq!(again.type_url, EDS);
+    assert_eq!(again.resources.len(), 1, "{again:?}");
+    assert_eq!(again.resources[0].name, ECHO_80);
+    assert_eq!(again.resources[0].version, eds.resources[0].version);
+}
+
+#[tokio::test]
 async fn versions_and_nonces_differ_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");

@@ -4,8 +4,11 @@
 //! sidecar ~1,250 EDS cluster names of ~45 bytes. Kept as `String`s in a B-tree that was about
 //! 100 bytes per name per stream; here a name is a pointer to one shared copy (16 bytes) in a
 //! sorted `Vec`, so 10,000 streams hold their watches in ~200 MB less (BENCHMARKS.md, "xDS").
+use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
+
+use super::resource::{Resource, ResourceSet};
 
 /// A resource name, shared by the resource and every stream that names it.
 pub type Name = Arc<str>;
@@ -42,6 +45,83 @@ pub fn prune() {
         .retain(|n| Arc::strong_count(n) > 1);
 }
 
+/// Something with a resource name, for walking name-sorted sequences together.
+pub trait Named {
+    fn name(&self) -> &Name;
+}
+
+impl Named for Name {
+    fn name(&self) -> &Name {
+        self
+    }
+}
+
+impl Named for Arc<Resource> {
+    fn name(&self) -> &Name {
+        &self.name
+    }
+}
+
+impl<T: Named + ?Sized> Named for &T {
+    fn name(&self) -> &Name {
+        (**self).name()
+    }
+}
+
+/// Orders two names. Equal names are usually one interned allocation, so the pointer is checked
+/// before the bytes: the names of one mesh share long prefixes (`outbound|80||svc-`), which made
+/// byte comparisons the top item of full-push profiles.
+pub fn cmp_names(a: &Name, b: &Name) -> Ordering {
+    if Arc::ptr_eq(a, b) {
+        Ordering::Equal
+    } else {
+        (**a).cmp(&**b)
+    }
+}
+
+/// Walks two name-sorted sequences together: `f` once per name in either, with the item of each
+/// side that has it. O(a + b) instead of a lookup per name.
+pub fn merge<A: Named, B: Named>(
+    a: impl IntoIterator<Item = A>,
+    b: impl IntoIterator<Item = B>,
+    mut f: impl FnMut(Option<A>, Option<B>),
+) {
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let ord = match (a.peek(), b.peek()) {
+            (None, None) => return,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(x), Some(y)) => cmp_names(x.name(), y.name()),
+        };
+        match ord {
+            Ordering::Less => f(a.next(), None),
+            Ordering::Greater => f(None, b.next()),
+            Ordering::Equal => f(a.next(), b.next()),
+        }
+    }
+}
+
+/// The resources of `set` named in `names`, in name order.
+pub fn select<'s>(names: &NameSet, set: &'s ResourceSet) -> Vec<&'s Arc<Resource>> {
+    if names.len().saturating_mul(8) < set.len() {
+        // A few names out of many (a gateway's routes): lookups beat a walk of the whole set.
+        return names.iter().filter_map(|n| set.get(&**n)).collect();
+    }
+    let mut out = Vec::with_capacity(names.len().min(set.len()));
+    merge(names.iter(), set.values(), |n, r| {
+        if let (Some(_), Some(r)) = (n, r) {
+            out.push(r);
+        }
+    });
+    out
+}
+
+/// Whether a name-sorted slice has `name`.
+pub fn sorted_contains<T: Named>(sorted: &[T], name: &Name) -> bool {
+    sorted.binary_search_by(|x| cmp_names(x.name(), name)).is_ok()
+}
+
 /// A set of names, sorted, each a shared [`Name`].
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct NameSet(Vec<Name>);
@@ -74,6 +154,10 @@ impl NameSet {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[Name] {
+        &self.0
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -162,5 +246,48 @@ mod tests {
         assert!(s.remove("b") && !s.remove("b"));
         let other = NameSet::from_requested(["a"]);
         assert_eq!(s.difference(&other), NameSet::from_requested(["c"]));
+    }
+
+    #[test]
+    fn merge_pairs_equal_names_whether_shared_or_not() {
+        let a: Vec<Name> = ["a", "c", "d"].iter().map(|n| intern(&format!("merge-test|{n}"))).collect();
+        // Private copies (not interned) of equal names still pair up.
+        let b: Vec<Name> = ["b", "c", "d", "e"].iter().map(|n| Arc::from(format!("merge-test|{n}").as_str())).collect();
+        let mut seen = Vec::new();
+        merge(a.iter(), b.iter(), |x, y| {
+            seen.push((x.map(|n| n.to_string()), y.map(|n| n.to_string())));
+        });
+        let s = |n: &str| Some(format!("merge-test|{n}"));
+        assert_eq!(
+            seen,
+            [
+                (s("a"), None),
+                (None, s("b")),
+                (s("c"), s("c")),
+                (s("d"), s("d")),
+                (None, s("e")),
+            ]
+        );
+    }
+
+    #[test]
+    fn select_finds_the_named_resources_by_walk_and_by_lookup() {
+        let cla = |n: &str| envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment {
+            cluster_name: n.into(),
+            ..Default::default()
+        };
+        let set: ResourceSet = (0..100)
+            .map(|i| format!("select-test|{i:03}"))
+            .map(|n| (n.clone(), Arc::new(Resource::new(&n, super::super::types::ENDPOINT, &cla(&n)))))
+            .collect();
+        let names_of = |v: Vec<&Arc<Resource>>| v.iter().map(|r| r.name.to_string()).collect::<Vec<_>>();
+        // Few names: lookups.
+        let few = NameSet::from_requested(["select-test|007", "select-test|050", "select-test|nope"]);
+        assert_eq!(names_of(select(&few, &set)), ["select-test|007", "select-test|050"]);
+        // Most names: a walk of both.
+        let most = NameSet::from_requested((0..100).step_by(2).map(|i| format!("select-test|{i:03}")).chain(["select-test|zzz".to_string()]));
+        let got = names_of(select(&most, &set));
+        assert_eq!(got.len(), 50);
+        assert!(got.iter().all(|n| n[12..].parse::<u32>().unwrap() % 2 == 0));
     }
 }

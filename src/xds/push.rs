@@ -48,6 +48,17 @@ pub struct PushContext {
     /// EDS cluster names of the hosts this context's change touched, computed once and read by
     /// every connection's endpoint push.
     changed_eds: OnceLock<Arc<Vec<Name>>>,
+    /// Endpoints by address, for sidecars' inbound side: every sidecar asked for its own, which
+    /// walked all endpoints of the mesh per proxy per full push.
+    by_address: OnceLock<HashMap<std::net::IpAddr, Vec<InboundEndpoint>>>,
+}
+
+/// An endpoint as the inbound side of the proxy at its address sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InboundEndpoint {
+    pub host: String,
+    pub service_port_name: String,
+    pub port: u16,
 }
 
 impl std::fmt::Debug for PushContext {
@@ -76,6 +87,7 @@ impl PushContext {
             eds_by_host: Mutex::default(),
             eds_all: OnceLock::new(),
             changed_eds: OnceLock::new(),
+            by_address: OnceLock::new(),
         }
     }
 
@@ -144,6 +156,24 @@ impl PushContext {
             }
             Arc::new(all)
         }))
+    }
+
+    /// The endpoints at `ip`, in host order.
+    pub fn endpoints_at(&self, ip: &std::net::IpAddr) -> &[InboundEndpoint] {
+        let index = self.by_address.get_or_init(|| {
+            let mut index: HashMap<std::net::IpAddr, Vec<InboundEndpoint>> = HashMap::new();
+            for (host, eps) in &self.snapshot.endpoints {
+                for e in eps.iter() {
+                    index.entry(e.address).or_default().push(InboundEndpoint {
+                        host: host.clone(),
+                        service_port_name: e.service_port_name.clone(),
+                        port: e.port,
+                    });
+                }
+            }
+            index
+        });
+        index.get(ip).map_or(&[], Vec::as_slice)
     }
 
     /// EDS cluster names of `hosts`, sorted. A connection's coalesced push can span several

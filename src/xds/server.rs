@@ -552,6 +552,17 @@ impl AdsService {
 struct SotwWatch {
     names: NameSet,
     nonce_sent: Option<String>,
+    /// Fingerprint of the last request's name list, in its order: Envoy repeats the same list in
+    /// every ACK, so most requests are recognised by one hash instead of a lookup per name.
+    last_request: Option<u64>,
+}
+
+/// An order-sensitive fingerprint of a name list, with a per-process random key (clients
+/// cannot aim for a collision).
+fn fingerprint(names: &[String]) -> u64 {
+    use std::hash::BuildHasher as _;
+    static KEY: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    KEY.get_or_init(Default::default).hash_one(names)
 }
 
 /// Per-type Delta state.
@@ -599,18 +610,6 @@ impl Held {
         }
         let r = self.base.as_ref()?.get(name)?;
         (self.base_wildcard || subscribed.contains(name)).then_some(r.version.as_str())
-    }
-
-    /// Every name the client holds.
-    fn names<'a>(&'a self, subscribed: &'a NameSet) -> impl Iterator<Item = &'a Name> + 'a {
-        let from_base = self
-            .base
-            .iter()
-            .flat_map(|b| b.values())
-            .map(|r| &r.name)
-            .filter(move |n| (self.base_wildcard || subscribed.contains(n)) && !self.since.contains_key(&***n));
-        let since = self.since.iter().filter(|(_, v)| v.is_some()).map(|(n, _)| n);
-        from_base.chain(since)
     }
 
     fn set(&mut self, name: &Name, version: Option<&str>, subscribed: &NameSet) {
@@ -885,9 +884,9 @@ impl Conn {
             set.values().map(|r| r.as_ref()).collect()
         } else {
             // `only` is a subset of the watch: walk it, not the whole watch.
-            only.unwrap_or(&watch.names)
-                .iter()
-                .filter_map(|n| set.get(&**n).map(|r| r.as_ref()))
+            interned::select(only.unwrap_or(&watch.names), &set)
+                .into_iter()
+                .map(|r| r.as_ref())
                 .collect()
         };
         let nonce = next_nonce(&push.epoch);
@@ -908,11 +907,15 @@ impl Handles<DiscoveryRequest> for Conn {
         match known {
             // First request for the type, or a reconnect: answer in full.
             None | Some(None) => {
-                self.sotw.entry(type_url).or_default().names = NameSet::from_requested(&req.resource_names);
+                let watch = self.sotw.entry(type_url).or_default();
+                watch.names = NameSet::from_requested(&req.resource_names);
+                watch.last_request = Some(fingerprint(&req.resource_names));
                 self.sotw_respond(type_url, None).await
             }
             Some(Some(_)) if req.response_nonce.is_empty() => {
-                self.sotw.entry(type_url).or_default().names = NameSet::from_requested(&req.resource_names);
+                let watch = self.sotw.entry(type_url).or_default();
+                watch.names = NameSet::from_requested(&req.resource_names);
+                watch.last_request = Some(fingerprint(&req.resource_names));
                 self.sotw_respond(type_url, None).await
             }
             Some(Some(sent)) if req.response_nonce != sent => {
@@ -925,9 +928,12 @@ impl Handles<DiscoveryRequest> for Conn {
                 let watch = self.sotw.entry(type_url).or_default();
                 // Most requests are ACKs repeating the whole watch (Envoy's EDS ACK names every
                 // cluster): compare in place instead of building a second set.
-                if watch.names.same_as(&req.resource_names) {
+                let fp = fingerprint(&req.resource_names);
+                if watch.last_request == Some(fp) || watch.names.same_as(&req.resource_names) {
+                    watch.last_request = Some(fp);
                     return Ok(()); // plain ACK
                 }
+                watch.last_request = Some(fp);
                 let names = NameSet::from_requested(&req.resource_names);
                 let added = names.difference(&watch.names);
                 watch.names = names;
@@ -989,22 +995,51 @@ impl Conn {
         let names = self.delta.get(type_url).map_or(&empty, |w| &w.subscribed);
         let (push, set) = self.resources(type_url, names).await;
         let watch = self.delta.entry(type_url).or_default();
+        // Both sides in name order, walked together: what the client should hold and what it
+        // holds (before the differences recorded since).
         let wanted: Vec<&Arc<Resource>> = if watch.wildcard {
             set.values().collect()
         } else {
-            watch.subscribed.iter().filter_map(|n| set.get(&**n)).collect()
+            interned::select(&watch.subscribed, &set)
         };
-        let changed: Vec<&Resource> = wanted
-            .iter()
-            .filter(|r| watch.held.version(&r.name, &watch.subscribed) != Some(r.version.as_str()))
-            .map(|r| r.as_ref())
-            .collect();
-        let removed: Vec<Name> = watch
-            .held
-            .names(&watch.subscribed)
-            .filter(|n| !set.contains_key(&***n) || (!watch.wildcard && !watch.subscribed.contains(n)))
-            .cloned()
-            .collect();
+        let held_base: Vec<&Arc<Resource>> = match &watch.held.base {
+            None => Vec::new(),
+            Some(b) if watch.held.base_wildcard => b.values().collect(),
+            Some(b) => interned::select(&watch.subscribed, b),
+        };
+        let since = &watch.held.since;
+        let since_version = |n: &Name| -> Option<Option<&str>> {
+            if since.is_empty() {
+                None
+            } else {
+                since.get(&**n).map(|v| v.as_deref())
+            }
+        };
+        let mut changed: Vec<&Resource> = Vec::new();
+        let mut removed: Vec<Name> = Vec::new();
+        interned::merge(wanted.iter().copied(), held_base.iter().copied(), |new, old| {
+            match (new, old) {
+                (Some(r), old) => {
+                    let held = since_version(&r.name).unwrap_or(old.map(|o| o.version.as_str()));
+                    if held != Some(r.version.as_str()) {
+                        changed.push(r.as_ref());
+                    }
+                }
+                (None, Some(o)) => {
+                    if since_version(&o.name).unwrap_or(Some("")).is_some() {
+                        removed.push(Arc::clone(&o.name));
+                    }
+                }
+                (None, None) => {}
+            }
+        });
+        // Held only through the differences (e.g. a reconnect's initial versions).
+        for (n, v) in since {
+            if v.is_some() && !interned::sorted_contains(&wanted, n) && !interned::sorted_contains(&held_base, n) {
+                removed.push(Arc::clone(n));
+            }
+        }
+        drop(held_base);
         // Either way the client now holds exactly the wanted part of `set`.
         let count = wanted.len();
         watch.held.rebase(&set, watch.wildcard, count);

@@ -340,28 +340,26 @@ pub struct InboundPort {
 pub fn inbound_ports(push: &PushContext, proxy: &ProxyInfo) -> Vec<InboundPort> {
     let ips: BTreeSet<IpAddr> = proxy.ips.iter().copied().collect();
     let mut out: BTreeMap<u16, InboundPort> = BTreeMap::new();
-    for (host, eps) in &push.snapshot.endpoints {
-        let Some(svc) = push.snapshot.service(host) else {
+    for e in ips.iter().flat_map(|ip| push.endpoints_at(ip)) {
+        let Some(svc) = push.snapshot.service(&e.host) else {
             continue;
         };
-        for e in eps.iter().filter(|e| ips.contains(&e.address)) {
-            let Some(sp) = svc.ports.iter().find(|p| p.name == e.service_port_name) else {
-                continue;
-            };
-            if e.port == VIRTUAL_INBOUND_PORT || e.port == VIRTUAL_OUTBOUND_PORT {
-                continue;
-            }
-            let http = sp.protocol.is_http();
-            let http2 = matches!(sp.protocol, Protocol::Grpc | Protocol::Http2);
-            let entry = out.entry(e.port).or_insert(InboundPort {
-                port: e.port,
-                http,
-                http2,
-            });
-            // Two services disagreeing on a port's protocol: treat it as TCP, which works for both.
-            entry.http &= http;
-            entry.http2 &= http2;
+        let Some(sp) = svc.ports.iter().find(|p| p.name == e.service_port_name) else {
+            continue;
+        };
+        if e.port == VIRTUAL_INBOUND_PORT || e.port == VIRTUAL_OUTBOUND_PORT {
+            continue;
         }
+        let http = sp.protocol.is_http();
+        let http2 = matches!(sp.protocol, Protocol::Grpc | Protocol::Http2);
+        let entry = out.entry(e.port).or_insert(InboundPort {
+            port: e.port,
+            http,
+            http2,
+        });
+        // Two services disagreeing on a port's protocol: treat it as TCP, which works for both.
+        entry.http &= http;
+        entry.http2 &= http2;
     }
     out.into_values().collect()
 }
@@ -385,7 +383,13 @@ pub fn inbound_sig(push: &PushContext, proxy: &ProxyInfo, only: Option<&BTreeSet
     };
     match only {
         Some(hosts) => hosts.iter().for_each(|h| add(h, push.snapshot.endpoints(h))),
-        None => push.snapshot.endpoints.iter().for_each(|(h, eps)| add(h, eps)),
+        None => {
+            for ip in &proxy.ips {
+                for e in push.endpoints_at(ip) {
+                    out.insert((e.host.clone(), e.service_port_name.clone(), e.port));
+                }
+            }
+        }
     }
     out
 }
