@@ -250,9 +250,15 @@ mod tests {
 
     #[test]
     fn merge_pairs_equal_names_whether_shared_or_not() {
-        let a: Vec<Name> = ["a", "c", "d"].iter().map(|n| intern(&format!("merge-test|{n}"))).collect();
+        let a: Vec<Name> = ["a", "c", "d"]
+            .iter()
+            .map(|n| intern(&format!("merge-test|{n}")))
+            .collect();
         // Private copies (not interned) of equal names still pair up.
-        let b: Vec<Name> = ["b", "c", "d", "e"].iter().map(|n| Arc::from(format!("merge-test|{n}").as_str())).collect();
+        let b: Vec<Name> = ["b", "c", "d", "e"]
+            .iter()
+            .map(|n| Arc::from(format!("merge-test|{n}").as_str()))
+            .collect();
         let mut seen = Vec::new();
         merge(a.iter(), b.iter(), |x, y| {
             seen.push((x.map(|n| n.to_string()), y.map(|n| n.to_string())));
@@ -278,14 +284,24 @@ mod tests {
         };
         let set: ResourceSet = (0..100)
             .map(|i| format!("select-test|{i:03}"))
-            .map(|n| (n.clone(), Arc::new(Resource::new(&n, super::super::types::ENDPOINT, &cla(&n)))))
+            .map(|n| {
+                (
+                    n.clone(),
+                    Arc::new(Resource::new(&n, super::super::types::ENDPOINT, &cla(&n))),
+                )
+            })
             .collect();
         let names_of = |v: Vec<&Arc<Resource>>| v.iter().map(|r| r.name.to_string()).collect::<Vec<_>>();
         // Few names: lookups.
         let few = NameSet::from_requested(["select-test|007", "select-test|050", "select-test|nope"]);
         assert_eq!(names_of(select(&few, &set)), ["select-test|007", "select-test|050"]);
         // Most names: a walk of both.
-        let most = NameSet::from_requested((0..100).step_by(2).map(|i| format!("select-test|{i:03}")).chain(["select-test|zzz".to_string()]));
+        let most = NameSet::from_requested(
+            (0..100)
+                .step_by(2)
+                .map(|i| format!("select-test|{i:03}"))
+                .chain(["select-test|zzz".to_string()]),
+        );
         let got = names_of(select(&most, &set));
         assert_eq!(got.len(), 50);
         assert!(got.iter().all(|n| n[12..].parse::<u32>().unwrap() % 2 == 0));

@@ -12,7 +12,7 @@ use tracing::Instrument as _;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -22,7 +22,7 @@ use super::generators;
 use super::interned::{self, Name, NameSet};
 use super::node::{self, ProxyInfo};
 use super::push::{PushContext, PushTarget, next_nonce};
-use super::requests::RequestStream;
+use super::requests::{RequestStream, SotwRequest};
 use super::resource::{Resource, ResourceSet};
 use super::types;
 use super::wire::{self, GrpcFrame};
@@ -407,7 +407,7 @@ fn grpc_response(rx: mpsc::Receiver<Outbound>) -> http::Response<tonic::body::Bo
 /// Opens a stream: requests decoded with prost, responses sent as [`GrpcFrame`]s.
 async fn serve_stream<Req, B>(svc: AdsService, req: http::Request<B>, delta: bool) -> http::Response<tonic::body::Body>
 where
-    Req: prost::Message + Default + Send + 'static,
+    Req: super::requests::DecodeRequest + Send + 'static,
     Conn: Handles<Req>,
     B: tonic::codegen::Body + Send + 'static,
     B::Error: Into<tonic::codegen::StdError> + Send + 'static,
@@ -441,7 +441,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let svc = self.clone();
         match req.uri().path() {
-            SOTW_PATH => Box::pin(async move { Ok(serve_stream::<DiscoveryRequest, B>(svc, req, false).await) }),
+            SOTW_PATH => Box::pin(async move { Ok(serve_stream::<SotwRequest, B>(svc, req, false).await) }),
             DELTA_PATH => Box::pin(async move { Ok(serve_stream::<DeltaDiscoveryRequest, B>(svc, req, true).await) }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown ADS method").into_http()) }),
         }
@@ -449,7 +449,7 @@ where
 }
 
 impl AdsService {
-    async fn open<Req: prost::Message + Default + Send + 'static>(
+    async fn open<Req: super::requests::DecodeRequest + Send + 'static>(
         &self,
         req: tonic::Request<RequestStream<Req>>,
         delta: bool,
@@ -552,17 +552,10 @@ impl AdsService {
 struct SotwWatch {
     names: NameSet,
     nonce_sent: Option<String>,
-    /// Fingerprint of the last request's name list, in its order: Envoy repeats the same list in
-    /// every ACK, so most requests are recognised by one hash instead of a lookup per name.
+    /// Fingerprint of the last request's name list (`SotwRequest::names_fingerprint`): Envoy
+    /// repeats the same list in every ACK, so most requests are recognised by one hash instead of
+    /// a lookup per name.
     last_request: Option<u64>,
-}
-
-/// An order-sensitive fingerprint of a name list, with a per-process random key (clients
-/// cannot aim for a collision).
-fn fingerprint(names: &[String]) -> u64 {
-    use std::hash::BuildHasher as _;
-    static KEY: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
-    KEY.get_or_init(Default::default).hash_one(names)
 }
 
 /// Per-type Delta state.
@@ -677,7 +670,7 @@ impl Conn {
     async fn run<Req>(mut self, mut inbound: RequestStream<Req>, mut closing: watch::Receiver<bool>)
     where
         Self: Handles<Req>,
-        Req: prost::Message + Default + Send + 'static,
+        Req: super::requests::DecodeRequest + Send + 'static,
     {
         let result: Result<(), Status> = async {
             loop {
@@ -897,8 +890,8 @@ impl Conn {
     }
 }
 
-impl Handles<DiscoveryRequest> for Conn {
-    async fn handle(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+impl Handles<SotwRequest> for Conn {
+    async fn handle(&mut self, req: SotwRequest) -> Result<(), Status> {
         let Some(type_url) = self.preamble(&req.type_url, req.node.as_ref(), req.error_detail.as_ref())? else {
             return Ok(());
         };
@@ -907,15 +900,17 @@ impl Handles<DiscoveryRequest> for Conn {
         match known {
             // First request for the type, or a reconnect: answer in full.
             None | Some(None) => {
+                let names = NameSet::from_requested(req.names()?);
                 let watch = self.sotw.entry(type_url).or_default();
-                watch.names = NameSet::from_requested(&req.resource_names);
-                watch.last_request = Some(fingerprint(&req.resource_names));
+                watch.names = names;
+                watch.last_request = Some(req.names_fingerprint);
                 self.sotw_respond(type_url, None).await
             }
             Some(Some(_)) if req.response_nonce.is_empty() => {
+                let names = NameSet::from_requested(req.names()?);
                 let watch = self.sotw.entry(type_url).or_default();
-                watch.names = NameSet::from_requested(&req.resource_names);
-                watch.last_request = Some(fingerprint(&req.resource_names));
+                watch.names = names;
+                watch.last_request = Some(req.names_fingerprint);
                 self.sotw_respond(type_url, None).await
             }
             Some(Some(sent)) if req.response_nonce != sent => {
@@ -928,13 +923,17 @@ impl Handles<DiscoveryRequest> for Conn {
                 let watch = self.sotw.entry(type_url).or_default();
                 // Most requests are ACKs repeating the whole watch (Envoy's EDS ACK names every
                 // cluster): compare in place instead of building a second set.
-                let fp = fingerprint(&req.resource_names);
-                if watch.last_request == Some(fp) || watch.names.same_as(&req.resource_names) {
+                let fp = req.names_fingerprint;
+                if watch.last_request == Some(fp) {
+                    return Ok(()); // plain ACK, the same list as last time
+                }
+                let requested = req.names()?;
+                if watch.names.same_as(&requested) {
                     watch.last_request = Some(fp);
                     return Ok(()); // plain ACK
                 }
                 watch.last_request = Some(fp);
-                let names = NameSet::from_requested(&req.resource_names);
+                let names = NameSet::from_requested(requested);
                 let added = names.difference(&watch.names);
                 watch.names = names;
                 if wildcard {
