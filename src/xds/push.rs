@@ -240,3 +240,40 @@ pub fn spawn_debouncer(store: Arc<MeshStore>, target: Arc<dyn PushTarget>, d: De
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const ECHO: &str = "echo.default.svc.cluster.local";
+    const OTHER: &str = "echo.other.svc.cluster.local";
+
+    #[test]
+    fn eds_names_cover_a_connections_coalesced_hosts_not_only_the_latest_change() {
+        let first = crate::xds::generators::grpc::tests::push();
+        let change = Change {
+            endpoint_hosts: [OTHER.to_string()].into(),
+            ..Default::default()
+        };
+        let ctx = PushContext::next(&first, Arc::clone(&first.snapshot), change);
+        let names = |v: &[Name]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+
+        // This context's own change: computed once, shared by every connection.
+        let own: BTreeSet<String> = [OTHER.to_string()].into();
+        let a = ctx.eds_names_of(&own);
+        assert!(Arc::ptr_eq(&a, &ctx.eds_names_of(&own)));
+        assert_eq!(names(&a), ["outbound|7070||echo.other.svc.cluster.local"]);
+
+        // A connection that coalesced an earlier push for ECHO gets ECHO's clusters too.
+        let coalesced: BTreeSet<String> = [ECHO.to_string(), OTHER.to_string()].into();
+        assert_eq!(
+            names(&ctx.eds_names_of(&coalesced)),
+            [
+                "outbound|7070||echo.default.svc.cluster.local",
+                "outbound|7070||echo.other.svc.cluster.local"
+            ]
+        );
+    }
+}

@@ -202,7 +202,7 @@ fn route_configs(push: &PushContext) -> ResourceSet {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use envoy_types::pb::envoy::config::core::v3::Node;
