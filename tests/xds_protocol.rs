@@ -89,6 +89,15 @@ fn seed(t: &TestMeshd, ips: &[&str]) {
         .set_endpoints("cluster1", key, ips.iter().map(|ip| ep(ip, "cluster1")).collect());
 }
 
+/// [`seed`], then waits until the served push context has the echo service.
+async fn seed_and_wait(t: &TestMeshd, ips: &[&str]) {
+    seed(t, ips);
+    eventually("echo in the push context", Duration::from_secs(5), async || {
+        t.m().xds.current().snapshot.services.contains_key(ECHO)
+    })
+    .await;
+}
+
 fn set_endpoints(t: &TestMeshd, ips: &[&str]) {
     t.m().mesh.set_endpoints(
         "cluster1",
@@ -164,13 +173,9 @@ fn endpoint_count(c: &ClusterLoadAssignment) -> usize {
 #[tokio::test]
 async fn sotw_ack_nack_stale_nonce_and_incremental_eds() {
     let t = start().await;
-    seed(&t, &["10.0.0.1", "10.0.0.2"]);
-    let mut s = Sotw::open(plaintext(&t).await, None).await.unwrap();
     // Wait for the first push to land so the initial answer has the service.
-    eventually("model pushed", Duration::from_secs(5), async || {
-        t.m().xds.current().snapshot.services.contains_key(ECHO)
-    })
-    .await;
+    seed_and_wait(&t, &["10.0.0.1", "10.0.0.2"]).await;
+    let mut s = Sotw::open(plaintext(&t).await, None).await.unwrap();
 
     s.send(req(CDS, &[], "", Some(gateway_node()))).await;
     let cds = s.recv().await.unwrap();
@@ -341,11 +346,7 @@ fn dreq(type_url: &str, sub: &[&str], nonce: &str, node: Option<Node>) -> DeltaD
 #[tokio::test]
 async fn delta_sends_changes_removals_and_honours_initial_versions() {
     let t = start().await;
-    seed(&t, &["10.0.0.1"]);
-    eventually("model pushed", Duration::from_secs(5), async || {
-        t.m().xds.current().snapshot.services.contains_key(ECHO)
-    })
-    .await;
+    seed_and_wait(&t, &["10.0.0.1"]).await;
     let mut d = Delta::open(plaintext(&t).await).await;
     d.send(dreq(CDS, &[], "", Some(gateway_node()))).await;
     let cds = d.recv().await;
@@ -378,11 +379,7 @@ async fn delta_sends_changes_removals_and_honours_initial_versions() {
     assert_eq!(removed_eds.removed_resources, vec![ECHO_80.to_string()]);
 
     // Reconnect holding the current CDS version: nothing is resent.
-    seed(&t, &["10.0.0.1"]);
-    eventually("service back", Duration::from_secs(5), async || {
-        t.m().xds.current().snapshot.services.contains_key(ECHO)
-    })
-    .await;
+    seed_and_wait(&t, &["10.0.0.1"]).await;
     let mut d2 = Delta::open(plaintext(&t).await).await;
     let mut first = dreq(CDS, &[], "", Some(gateway_node()));
     first
@@ -403,11 +400,7 @@ async fn delta_sends_changes_removals_and_honours_initial_versions() {
 #[tokio::test]
 async fn delta_resends_what_a_client_unsubscribed_and_subscribes_again() {
     let t = start().await;
-    seed(&t, &["10.0.0.1"]);
-    eventually("model pushed", Duration::from_secs(5), async || {
-        t.m().xds.current().snapshot.services.contains_key(ECHO)
-    })
-    .await;
+    seed_and_wait(&t, &["10.0.0.1"]).await;
     let mut d = Delta::open(plaintext(&t).await).await;
     d.send(dreq(CDS, &[], "", Some(gateway_node()))).await;
     let cds = d.recv().await;
@@ -548,11 +541,7 @@ async fn stuck_and_live(t: &TestMeshd) -> (Vec<String>, Sotw, Sotw) {
     let many: Vec<String> = (0..2000)
         .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
         .collect();
-    seed(t, &many.iter().map(String::as_str).collect::<Vec<_>>());
-    eventually("model pushed", Duration::from_secs(5), async || {
-        t.m().xds.current().snapshot.services.contains_key(ECHO)
-    })
-    .await;
+    seed_and_wait(t, &many.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let small = tonic::transport::Endpoint::from_shared(format!("http://{}", t.m().addrs.plaintext))
         .unwrap()
         .initial_stream_window_size(65_535)

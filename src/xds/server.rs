@@ -607,7 +607,7 @@ impl Held {
 
     fn set(&mut self, name: &Name, version: Option<&str>, subscribed: &NameSet) {
         let had = self.version(name, subscribed).is_some();
-        self.count = self.count + usize::from(version.is_some()) - usize::from(had);
+        self.count = (self.count + usize::from(version.is_some())).saturating_sub(usize::from(had));
         self.since.insert(Arc::clone(name), version.map(str::to_string));
     }
 
