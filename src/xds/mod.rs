@@ -3,6 +3,7 @@
 
 pub mod config_dump;
 pub mod generators;
+pub mod held;
 pub mod interned;
 pub mod node;
 pub mod push;

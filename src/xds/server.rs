@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::generators;
-use super::interned::{self, Name, NameSet};
+use super::held::{Diff, Held, changed_diff, full_diff};
+use super::interned::{self, NameSet};
 use super::node::{self, ProxyInfo};
 use super::push::{PushContext, PushTarget, next_nonce};
 use super::requests::{RequestStream, SotwRequest};
@@ -567,71 +568,6 @@ struct DeltaWatch {
     nonce_sent: Option<String>,
 }
 
-/// What a Delta client holds of one type, name → version.
-///
-/// Kept as the resource set last sent in full (`base`, shared by every stream that got the same
-/// set) plus the exact differences since, instead of a name → version map per stream: after each
-/// full response the client holds exactly the wanted part of that set. That map was ~2,700
-/// `String` pairs per sidecar stream, about 0.5 MiB, the largest per-stream cost (BENCHMARKS.md).
-#[derive(Debug, Default)]
-struct Held {
-    base: Option<Arc<ResourceSet>>,
-    /// Whether the client wanted all of `base` (wildcard) or only its subscribed names.
-    base_wildcard: bool,
-    /// Names whose held version differs from `base`'s; `None`: not held.
-    since: BTreeMap<Name, Option<String>>,
-    count: usize,
-}
-
-impl Held {
-    /// What a reconnecting client says it has (`initial_resource_versions`).
-    fn initial(versions: std::collections::HashMap<String, String>) -> Self {
-        Self {
-            count: versions.len(),
-            since: versions
-                .into_iter()
-                .map(|(n, v)| (interned::lookup(&n), Some(v)))
-                .collect(),
-            ..Default::default()
-        }
-    }
-
-    /// The version the client holds of `name`.
-    fn version<'a>(&'a self, name: &str, subscribed: &NameSet) -> Option<&'a str> {
-        if let Some(v) = self.since.get(name) {
-            return v.as_deref();
-        }
-        let r = self.base.as_ref()?.get(name)?;
-        (self.base_wildcard || subscribed.contains(name)).then_some(r.version.as_str())
-    }
-
-    fn set(&mut self, name: &Name, version: Option<&str>, subscribed: &NameSet) {
-        let had = self.version(name, subscribed).is_some();
-        self.count = (self.count + usize::from(version.is_some())).saturating_sub(usize::from(had));
-        self.since.insert(Arc::clone(name), version.map(str::to_string));
-    }
-
-    /// A name subscribed anew is not held, even if `base` has it (the client did not want it).
-    fn subscribed(&mut self, name: &Name) {
-        if !self.base_wildcard
-            && !self.since.contains_key(&**name)
-            && self.base.as_ref().is_some_and(|b| b.contains_key(&**name))
-        {
-            self.since.insert(Arc::clone(name), None);
-        }
-    }
-
-    /// After a full response the client holds exactly `wanted` of `set`.
-    fn rebase(&mut self, set: &Arc<ResourceSet>, wildcard: bool, count: usize) {
-        *self = Self {
-            base: Some(Arc::clone(set)),
-            base_wildcard: wildcard,
-            since: BTreeMap::new(),
-            count,
-        };
-    }
-}
-
 /// One ADS stream.
 pub struct Conn {
     id: u64,
@@ -994,53 +930,12 @@ impl Conn {
         let names = self.delta.get(type_url).map_or(&empty, |w| &w.subscribed);
         let (push, set) = self.resources(type_url, names).await;
         let watch = self.delta.entry(type_url).or_default();
-        // Both sides in name order, walked together: what the client should hold and what it
-        // holds (before the differences recorded since).
-        let wanted: Vec<&Arc<Resource>> = if watch.wildcard {
-            set.values().collect()
-        } else {
-            interned::select(&watch.subscribed, &set)
-        };
-        let held_base: Vec<&Arc<Resource>> = match &watch.held.base {
-            None => Vec::new(),
-            Some(b) if watch.held.base_wildcard => b.values().collect(),
-            Some(b) => interned::select(&watch.subscribed, b),
-        };
-        let since = &watch.held.since;
-        let since_version = |n: &Name| -> Option<Option<&str>> {
-            if since.is_empty() {
-                None
-            } else {
-                since.get(&**n).map(|v| v.as_deref())
-            }
-        };
-        let mut changed: Vec<&Resource> = Vec::new();
-        let mut removed: Vec<Name> = Vec::new();
-        interned::merge(wanted.iter().copied(), held_base.iter().copied(), |new, old| {
-            match (new, old) {
-                (Some(r), old) => {
-                    let held = since_version(&r.name).unwrap_or(old.map(|o| o.version.as_str()));
-                    if held != Some(r.version.as_str()) {
-                        changed.push(r.as_ref());
-                    }
-                }
-                (None, Some(o)) => {
-                    if since_version(&o.name).unwrap_or(Some("")).is_some() {
-                        removed.push(Arc::clone(&o.name));
-                    }
-                }
-                (None, None) => {}
-            }
-        });
-        // Held only through the differences (e.g. a reconnect's initial versions).
-        for (n, v) in since {
-            if v.is_some() && !interned::sorted_contains(&wanted, n) && !interned::sorted_contains(&held_base, n) {
-                removed.push(Arc::clone(n));
-            }
-        }
-        drop(held_base);
+        let Diff {
+            changed,
+            removed,
+            count,
+        } = full_diff(&watch.held, &watch.subscribed, watch.wildcard, &set);
         // Either way the client now holds exactly the wanted part of `set`.
-        let count = wanted.len();
         watch.held.rebase(&set, watch.wildcard, count);
         if changed.is_empty() && removed.is_empty() && !force {
             return Ok(());
@@ -1063,33 +958,15 @@ impl Conn {
         }
         let (push, set) = self.resources(type_url, &watch.subscribed).await;
         let watch = self.delta.entry(type_url).or_default();
-        let mut changed: Vec<&Resource> = Vec::new();
-        let mut removed: Vec<Name> = Vec::new();
-        for n in changed_names
-            .iter()
-            .filter(|n| watch.wildcard || watch.subscribed.contains(n))
-        {
-            let held = watch.held.version(n, &watch.subscribed);
-            match set.get(&**n) {
-                Some(r) if held != Some(r.version.as_str()) => changed.push(r),
-                Some(_) => {}
-                None if held.is_some() => removed.push(Arc::clone(n)),
-                None => {}
-            }
-        }
+        let (changed, removed) = changed_diff(&watch.held, &watch.subscribed, watch.wildcard, &set, &changed_names);
         if changed.is_empty() && removed.is_empty() {
             return Ok(());
         }
-        for r in &changed {
-            watch.held.set(&r.name, Some(&r.version), &watch.subscribed);
-        }
-        for n in &removed {
-            watch.held.set(n, None, &watch.subscribed);
-        }
+        watch.held.apply(&changed, &removed, &watch.subscribed);
         let nonce = next_nonce(&push.epoch);
         watch.nonce_sent = Some(nonce.clone());
         let bytes = wire::delta_frame(&push.version, type_url, &nonce, &changed, &removed);
-        let count = watch.held.count;
+        let count = watch.held.count();
         self.send_recorded(type_url, bytes, nonce, &push.version, count).await
     }
 }
@@ -1140,10 +1017,7 @@ impl Handles<DeltaDiscoveryRequest> for Conn {
                 watch.wildcard = false;
             }
             // The client dropped it: it no longer holds it.
-            let name = interned::lookup(n);
-            if watch.held.version(n, &watch.subscribed).is_some() {
-                watch.held.set(&name, None, &watch.subscribed);
-            }
+            watch.held.forget(&interned::lookup(n), &watch.subscribed);
             watch.subscribed.remove(n);
         }
         if first || new_names {
