@@ -6,6 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::xds_node as node;
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -27,26 +28,6 @@ const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const ECHO: &str = "echo.default.svc.cluster.local";
 const ECHO_80: &str = "outbound|80||echo.default.svc.cluster.local";
-
-fn node(id: &str, md: &[(&str, &str)]) -> Node {
-    Node {
-        id: id.into(),
-        metadata: Some(Struct {
-            fields: md
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(v.to_string())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
-        ..Default::default()
-    }
-}
 
 fn gateway_node() -> Node {
     node(
