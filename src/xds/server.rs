@@ -405,7 +405,7 @@ fn grpc_response(rx: mpsc::Receiver<Outbound>) -> http::Response<tonic::body::Bo
     resp
 }
 
-/// Opens a stream: requests decoded with prost, responses sent as [`GrpcFrame`]s.
+/// Opens a stream: requests read by [`RequestStream`], responses sent as [`GrpcFrame`]s.
 async fn serve_stream<Req, B>(svc: AdsService, req: http::Request<B>, delta: bool) -> http::Response<tonic::body::Body>
 where
     Req: super::requests::DecodeRequest + Send + 'static,
