@@ -5,7 +5,7 @@
 //! prefix, header fields and the small resource fields copied into a few runs of up to 64 KiB,
 //! and large resource fields (16 KiB and up) by reference. Nothing is re-encoded per connection;
 //! the copy of the small fields is one memcpy and keeps HTTP/2's per-connection frame queue short
-//! (see [`SHARE_AT`]).
+//! (see `SHARE_AT`).
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::Status;
