@@ -256,6 +256,24 @@ mod tests {
         (c, r)
     }
 
+    /// A full response from both sides; they must agree on what it carries.
+    fn full_response(
+        held: &mut Held,
+        model: &mut Model,
+        set: &ResourceSet,
+        subscribed: &BTreeSet<String>,
+        wildcard: bool,
+    ) {
+        let names = NameSet::from_requested(subscribed);
+        let arc = Arc::new(set.clone());
+        let diff = full_diff(held, &names, wildcard, &arc);
+        assert_eq!(
+            sorted(&diff.changed, &diff.removed),
+            model.respond(set, subscribed, wildcard)
+        );
+        held.rebase(&arc, wildcard, diff.count);
+    }
+
     #[test]
     fn held_state_and_diffs_match_a_per_stream_version_map() {
         let mut rng = StdRng::seed_from_u64(0x6d65_7368);
@@ -292,13 +310,7 @@ mod tests {
                         if step > 0 {
                             set = random_set(&mut rng);
                         }
-                        let arc = Arc::new(set.clone());
-                        let diff = full_diff(&held, &names, wildcard, &arc);
-                        assert_eq!(
-                            sorted(&diff.changed, &diff.removed),
-                            model.respond(&set, &subscribed, wildcard)
-                        );
-                        held.rebase(&arc, wildcard, diff.count);
+                        full_response(&mut held, &mut model, &set, &subscribed, wildcard);
                     }
                     1 => {
                         // An endpoint-only push: only the resources of `touched` change.
@@ -325,14 +337,7 @@ mod tests {
                             subscribed.insert(n.clone());
                             held.subscribed(&interned::lookup(n));
                         }
-                        let names = NameSet::from_requested(&subscribed);
-                        let arc = Arc::new(set.clone());
-                        let diff = full_diff(&held, &names, wildcard, &arc);
-                        assert_eq!(
-                            sorted(&diff.changed, &diff.removed),
-                            model.respond(&set, &subscribed, wildcard)
-                        );
-                        held.rebase(&arc, wildcard, diff.count);
+                        full_response(&mut held, &mut model, &set, &subscribed, wildcard);
                     }
                     _ if !wildcard => {
                         // Unsubscribing is not answered; the client drops what it had.
