@@ -6,11 +6,18 @@
    manifest can never silently mean something else to real Kustomize. Every rendered object is
    validated against the Kubernetes OpenAPI schemas shipped in the `kubernetes-validate` wheel
    (offline), in strict mode (unknown fields are errors), for Kubernetes 1.33 (meshd's
-   k8s-openapi feature) and the newest version the wheel has. A YAML file under deploy/ that no
-   kustomization uses fails the suite.
+   k8s-openapi feature) and the newest version the wheel has; the Istio kinds (Gateway,
+   VirtualService), which the wheel has no schema for, against `ISTIO_SCHEMAS` below, as strictly.
+   A YAML file under deploy/ that no kustomization uses fails the suite.
 2. Facts of the deployment (replicas, PDB, HPA, ports, selectors, webhooks, the remote's
    annotation, EndpointSlice and injection path), every Deployment flag and environment variable
    against src/config.rs, the Dockerfile's shape (no Docker engine here: static checks only).
+   Multi-network (Istio's "Install Primary-Remote on different networks"): the east-west gateway
+   of each network (ports and their names, network label, `gateway` injection template,
+   ISTIO_META_REQUESTED_NETWORK_VIEW, which injection webhook selects its pods), expose-istiod and
+   expose-services exactly as Istio's samples and consistent with the Services they route to, the
+   remote's istiod EndpointSlice against every address it may point at, meshd's own /validate
+   admitting the Istio objects, and deploy/README.md's copy-and-edit commands and step order.
 3. The manifests on fake API servers (examples/fake_apiserver, real REST over HTTPS): applied
    with the admin token, read back, their (Cluster)RoleBindings turned into the fake's grants (it
    does not evaluate RBAC objects by itself), `meshd create-remote-secret` run against the remote
@@ -25,9 +32,12 @@ import base64
 import copy
 import datetime as dt
 import fnmatch
+import http.client
 import json
 import os
 import re
+import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -52,6 +62,7 @@ from conftest import (
     _end_process,
     _StderrCollector,
     child_env,
+    parse_listeners,
     start_meshd,
 )
 
@@ -64,13 +75,26 @@ CONFIG_RS = REPO_ROOT / "src" / "config.rs"
 K8S_VERSIONS = ("1.33", kubernetes_validate.latest_version())
 
 #: Documentation addresses (never contacted): the placeholder in deploy/remote and the example
-#: LoadBalancer IP of the overlays.
+#: address of the overlays (cluster1's east-west gateway IP; istiod-lb's in the same-network
+#: variant).
 PLACEHOLDER_IP = "192.0.2.10"
 EXAMPLE_LB_IP = "203.0.113.10"
 
 READER_SA = "istio-reader-service-account"
 READER_USER = f"system:serviceaccount:istio-system:{READER_SA}"
 ISTIOD_USER = "system:serviceaccount:istio-system:istiod"
+EASTWEST = "istio-eastwestgateway"
+EASTWEST_USER = f"system:serviceaccount:istio-system:{EASTWEST}"
+NETWORK_LABEL = "topology.istio.io/network"
+#: Istio's east-west gateway Service ports (gateway chart `networkGateway`,
+#: gen-eastwest-gateway.sh): name -> port (= targetPort).
+EASTWEST_PORTS = {"status-port": 15021, "tls": 15443, "tls-istiod": 15012, "tls-webhook": 15017}
+#: Each cluster of the walk-through: its network, its east-west gateway overlay and the overlay
+#: that installs meshd (cluster1) or the remote's plumbing (cluster2).
+CLUSTERS = {
+    "cluster1": ("network1", "overlays/eastwest-cluster1", "overlays/primary-example"),
+    "cluster2": ("network2", "overlays/eastwest-cluster2", "overlays/remote-example"),
+}
 START_TIMEOUT_S = 60.0
 CONVERGE_TIMEOUT_S = 60.0
 
@@ -270,6 +294,164 @@ def remote() -> list[dict]:
 
 
 # ============================================================================================
+# Istio objects: a strict schema (kubernetes-validate has none for CRDs)
+# ============================================================================================
+
+ISTIO_GROUPS = {"networking.istio.io", "security.istio.io", "telemetry.istio.io"}
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """An object with free keys (a label map) whose values all have one spec."""
+    value: object
+
+
+@dataclass(frozen=True)
+class Enum:
+    values: frozenset
+    case_insensitive: bool = False
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: int
+    hi: int
+
+
+_PORT_NUMBER = Range(1, 65535)
+#: Istio's port protocols (`protocol.Parse` is case-insensitive: Istio's own expose-istiod.yaml
+#: says `tls`).
+_PROTOCOLS = Enum(frozenset({"HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "HTTP_PROXY", "MONGO",
+                             "REDIS", "MYSQL", "TCP", "TLS", "UDP"}), case_insensitive=True)
+_TLS_VERSIONS = Enum(frozenset({"TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"}))
+_ROUTE_DESTINATION = {
+    "destination": {"host": str, "subset": str, "port": {"number": _PORT_NUMBER}},
+    "weight": Range(0, 100),
+}
+#: Istio's networking.istio.io/v1 API (networking/v1alpha3/{gateway,virtual_service}.proto, JSON
+#: names) as far as deploy/ may use it: a dict is an object with exactly these optional fields,
+#: [x] a list of x. Fields not listed (VirtualService `http`, say) are refused: add them here, from
+#: the proto, when a manifest needs them.
+ISTIO_SCHEMAS = {
+    ("networking.istio.io/v1", "Gateway"): {
+        "selector": MapOf(str),
+        "servers": [{
+            "port": {"number": _PORT_NUMBER, "protocol": _PROTOCOLS, "name": str, "targetPort": _PORT_NUMBER},
+            "bind": str,
+            "hosts": [str],
+            "tls": {
+                "httpsRedirect": bool,
+                "mode": Enum(frozenset({"PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL",
+                                        "OPTIONAL_MUTUAL"})),
+                "serverCertificate": str, "privateKey": str, "caCertificates": str, "caCrl": str,
+                "credentialName": str, "subjectAltNames": [str], "verifyCertificateSpki": [str],
+                "verifyCertificateHash": [str], "minProtocolVersion": _TLS_VERSIONS,
+                "maxProtocolVersion": _TLS_VERSIONS, "cipherSuites": [str],
+            },
+            "defaultEndpoint": str,
+            "name": str,
+        }],
+    },
+    ("networking.istio.io/v1", "VirtualService"): {
+        "hosts": [str],
+        "gateways": [str],
+        "exportTo": [str],
+        "tls": [{
+            "match": [{
+                "sniHosts": [str], "destinationSubnets": [str], "port": _PORT_NUMBER,
+                "sourceLabels": MapOf(str), "gateways": [str], "sourceNamespace": str,
+            }],
+            "route": [_ROUTE_DESTINATION],
+        }],
+        "tcp": [{
+            "match": [{
+                "destinationSubnets": [str], "port": _PORT_NUMBER, "sourceSubnet": str,
+                "sourceLabels": MapOf(str), "gateways": [str], "sourceNamespace": str,
+            }],
+            "route": [_ROUTE_DESTINATION],
+        }],
+    },
+}
+_ISTIO_METADATA = {"name": str, "namespace": str, "labels": MapOf(str), "annotations": MapOf(str)}
+
+
+def _check_spec(spec, value, path: str, errors: list[str]):
+    def wrong(what: str):
+        errors.append(f"{path}: expected {what}, got {value!r}")
+
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return wrong("an object")
+        for k, v in value.items():
+            if k in spec:
+                _check_spec(spec[k], v, f"{path}.{k}", errors)
+            else:
+                errors.append(f"{path}.{k}: unknown field")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            return wrong("a list")
+        for i, v in enumerate(value):
+            _check_spec(spec[0], v, f"{path}[{i}]", errors)
+    elif isinstance(spec, MapOf):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            return wrong("a map")
+        for k, v in value.items():
+            _check_spec(spec.value, v, f"{path}[{k}]", errors)
+    elif isinstance(spec, Enum):
+        if not isinstance(value, str):
+            return wrong("a string")
+        if (value.upper() if spec.case_insensitive else value) not in spec.values:
+            wrong(f"one of {sorted(spec.values)}")
+    elif isinstance(spec, Range):
+        if not (isinstance(value, int) and not isinstance(value, bool) and spec.lo <= value <= spec.hi):
+            wrong(f"an integer in {spec.lo}..{spec.hi}")
+    elif spec is bool or spec is str:
+        if not isinstance(value, spec):
+            wrong(spec.__name__)
+    else:
+        raise AssertionError(f"bad spec {spec!r}")
+
+
+def validate_istio(obj: dict) -> list[str]:
+    """Errors of an Istio object against ISTIO_SCHEMAS (strict: unknown fields are errors)."""
+    spec = ISTIO_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if spec is None:
+        return [f"no schema for {obj.get('apiVersion')} {obj.get('kind')} in ISTIO_SCHEMAS"]
+    errors = [f"{k}: unknown field" for k in set(obj) - {"apiVersion", "kind", "metadata", "spec"}]
+    _check_spec(_ISTIO_METADATA, obj.get("metadata"), "metadata", errors)
+    if not isinstance(obj.get("spec"), dict) or not obj["spec"]:
+        errors.append("spec: missing")
+    else:
+        _check_spec(spec, obj["spec"], "spec", errors)
+    return errors
+
+
+def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
+    """A metav1.LabelSelector against a set of labels, as the API server evaluates a webhook's
+    namespaceSelector and objectSelector (an absent or empty selector matches everything)."""
+    if not selector:
+        return True
+    assert set(selector) <= {"matchLabels", "matchExpressions"}, selector
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In":
+            ok = key in labels and labels[key] in values
+        elif op == "NotIn":
+            ok = key not in labels or labels[key] not in values
+        elif op == "Exists":
+            ok = key in labels
+        elif op == "DoesNotExist":
+            ok = key not in labels
+        else:
+            raise AssertionError(f"unknown operator {op!r}")
+        if not ok:
+            return False
+    return True
+
+
+# ============================================================================================
 # 1. Rendering, coverage, schema validation
 # ============================================================================================
 
@@ -277,7 +459,9 @@ def remote() -> list[dict]:
 def test_every_manifest_under_deploy_is_rendered():
     dirs = kustomization_dirs()
     rel = {d.relative_to(DEPLOY).as_posix() for d in dirs}
-    assert {"primary", "remote", "overlays/primary-example", "overlays/remote-example"} <= rel, rel
+    assert {"primary", "remote", "overlays/primary-example", "overlays/remote-example", "eastwest",
+            "overlays/eastwest-cluster1", "overlays/eastwest-cluster2", "expose-istiod", "expose-services",
+            "istiod-lb", "overlays/remote-same-network"} <= rel, rel
     used: set[Path] = set()
     for d in dirs:
         used |= render(d).files
@@ -298,6 +482,10 @@ def test_rendered_objects_validate_against_kubernetes_schemas(directory, version
     assert objects
     errors = []
     for o in objects:
+        if group_of(o) in ISTIO_GROUPS:
+            # No schema in the wheel (a CRD): the strict check of ISTIO_SCHEMAS instead.
+            errors += [f"{o['kind']}/{o['metadata']['name']}: {e}" for e in validate_istio(o)]
+            continue
         try:
             kubernetes_validate.validate(o, version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -322,11 +510,54 @@ def test_strict_validation_refuses_unknown_fields_and_wrong_types(primary):
         kubernetes_validate.validate(wrong, "1.33", strict=True)
 
 
-def test_names_and_port_names_are_valid(primary, remote):
+def test_istio_schema_check_is_strict():
+    """validate_istio really refuses what kube-apiserver's CRD schema (or Istio's webhook) would:
+    a misspelt field, a wrong type, an unknown enum value, a kind without a schema."""
+    [gw, vs] = render(DEPLOY / "expose-istiod").objects
+    assert validate_istio(gw) == [] and validate_istio(vs) == []
+    bad = []
+    g = copy.deepcopy(gw)
+    g["spec"]["servers"][0]["tls"]["mod"] = "PASSTHROUGH"
+    bad.append((g, "spec.servers[0].tls.mod: unknown field"))
+    g = copy.deepcopy(gw)
+    g["spec"]["servers"][1]["tls"]["mode"] = "AUTOPASSTHROUGH"
+    bad.append((g, "spec.servers[1].tls.mode: expected one of"))
+    g = copy.deepcopy(gw)
+    g["spec"]["servers"][0]["port"]["number"] = "15012"
+    bad.append((g, "spec.servers[0].port.number: expected an integer"))
+    g = copy.deepcopy(gw)
+    g["spec"]["servers"][0]["port"]["protocol"] = "tlss"
+    bad.append((g, "spec.servers[0].port.protocol: expected one of"))
+    g = copy.deepcopy(gw)
+    g["spec"]["selector"] = ["istio=eastwestgateway"]
+    bad.append((g, "spec.selector: expected a map"))
+    v = copy.deepcopy(vs)
+    v["spec"]["tls"][0]["match"][0]["sniHost"] = ["*"]
+    bad.append((v, "spec.tls[0].match[0].sniHost: unknown field"))
+    v = copy.deepcopy(vs)
+    v["spec"]["tls"][1]["route"][0]["destination"]["port"] = 443
+    bad.append((v, "spec.tls[1].route[0].destination.port: expected an object"))
+    v = copy.deepcopy(vs)
+    v["spec"]["http"] = [{"route": [{"destination": {"host": "x"}}]}]
+    bad.append((v, "spec.http: unknown field"))
+    v = copy.deepcopy(vs)
+    v["status"] = {}
+    bad.append((v, "status: unknown field"))
+    v = copy.deepcopy(vs)
+    v["apiVersion"] = "networking.istio.io/v1alpha3"
+    bad.append((v, "no schema for networking.istio.io/v1alpha3 VirtualService"))
+    for obj, want in bad:
+        errors = validate_istio(obj)
+        assert any(e.startswith(want) for e in errors), (want, errors)
+
+
+def test_names_and_port_names_are_valid():
     """What the JSON schemas cannot say: DNS names and IANA_SVC_NAME port names."""
     dns1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     svc_name = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    for o in primary + remote:
+    every = [o for d in kustomization_dirs() for o in render(d).objects]
+    assert {o["kind"] for o in every} >= {"Deployment", "Service", "EndpointSlice", "Gateway"}
+    for o in every:
         assert dns1123.match(o["metadata"]["name"]) and len(o["metadata"]["name"]) <= 253, o["metadata"]["name"]
         ports = list(o.get("spec", {}).get("ports", []) if o["kind"] == "Service" else [])
         ports += o.get("ports", []) if o["kind"] == "EndpointSlice" else []
@@ -335,6 +566,12 @@ def test_names_and_port_names_are_valid(primary, remote):
                 ports += c.get("ports", [])
         for p in ports:
             assert svc_name.match(p["name"]) and len(p["name"]) <= 15 and "--" not in p["name"], p
+        # Label values (the network names among them) as the API server checks them.
+        label_value = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+        labels = dict(o["metadata"].get("labels", {}))
+        labels.update(o.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {}))
+        for k, v in labels.items():
+            assert isinstance(v, str) and label_value.match(v) and len(v) <= 63, (o["metadata"]["name"], k, v)
 
 
 # ============================================================================================
@@ -468,9 +705,12 @@ def test_primary_services(primary):
     dep = find(primary, "Deployment", "istiod")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     container_ports = {p["containerPort"] for p in deployment_container(primary)["ports"]}
-    lb = find(primary, "Service", "istiod-lb")
+    # Nothing of the primary base is exposed outside the cluster: remote clusters reach meshd
+    # through the east-west gateway (deploy/expose-istiod) or, on one network, deploy/istiod-lb.
+    assert [o["metadata"]["name"] for o in primary if o["kind"] == "Service"] == ["istiod"]
+    lb = find(render(DEPLOY / "istiod-lb").objects, "Service", "istiod-lb")
     assert lb["spec"]["type"] == "LoadBalancer"
-    assert service_ports(lb) == {15012: (15012, "tcp-istiod"), 443: (15017, "tcp-webhook")}
+    assert service_ports(lb) == {15012: (15012, "tcp-istiod"), 15017: (15017, "tcp-webhook")}
     svc = find(primary, "Service", "istiod")
     assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert service_ports(svc) == {
@@ -485,13 +725,41 @@ def test_primary_services(primary):
         assert {t for t, _ in service_ports(s).values()} <= container_ports
 
 
-def _webhook(cfg: dict) -> dict:
-    [hook] = cfg["webhooks"]
-    assert "caBundle" not in hook["clientConfig"], "meshd patches the caBundle"
-    assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
-    svc = hook["clientConfig"]["service"]
-    assert (svc["name"], svc["namespace"], svc["port"]) == ("istiod", "istio-system", 443)
-    return hook
+def _webhooks(cfg: dict) -> dict[str, dict]:
+    hooks = {}
+    for hook in cfg["webhooks"]:
+        assert "caBundle" not in hook["clientConfig"], "meshd patches the caBundle"
+        assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"]
+        svc = hook["clientConfig"]["service"]
+        assert (svc["name"], svc["namespace"], svc["port"]) == ("istiod", "istio-system", 443)
+        hooks[hook["name"]] = hook
+    assert len(hooks) == len(cfg["webhooks"]), "webhook names must be unique"
+    return hooks
+
+
+#: Istio's two default-revision injection webhooks (istio-discovery chart, no revision).
+INJECTION_HOOKS = ["namespace.sidecar-injector.istio.io", "object.sidecar-injector.istio.io"]
+
+
+def _injection_hooks(cfg: dict, path: str) -> dict[str, dict]:
+    hooks = _webhooks(cfg)
+    assert list(hooks) == INJECTION_HOOKS
+    for hook in hooks.values():
+        assert hook["clientConfig"]["service"]["path"] == path
+        assert hook["failurePolicy"] == "Fail" and hook["reinvocationPolicy"] == "Never"
+        [rule] = hook["rules"]
+        assert (rule["apiGroups"], rule["apiVersions"], rule["resources"], rule["operations"]) == (
+            [""], ["v1"], ["pods"], ["CREATE"])
+    ns, obj = hooks[INJECTION_HOOKS[0]], hooks[INJECTION_HOOKS[1]]
+    assert ns["namespaceSelector"] == {"matchLabels": {"istio-injection": "enabled"}}
+    assert ns["objectSelector"] == {"matchExpressions": [
+        {"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]}
+    assert obj["namespaceSelector"] == {"matchExpressions": [
+        {"key": "istio-injection", "operator": "DoesNotExist"}, {"key": "istio.io/rev", "operator": "DoesNotExist"}]}
+    assert obj["objectSelector"] == {"matchExpressions": [
+        {"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]},
+        {"key": "istio.io/rev", "operator": "DoesNotExist"}]}
+    return hooks
 
 
 def config_default(env: str) -> str:
@@ -519,14 +787,8 @@ def test_webhook_names_are_the_ones_meshd_patches(primary, remote):
 
 
 def test_primary_webhooks(primary):
-    inj = _webhook(find(primary, "MutatingWebhookConfiguration", "istio-sidecar-injector"))
-    assert inj["clientConfig"]["service"]["path"] == "/inject"
-    assert inj["namespaceSelector"] == {"matchLabels": {"istio-injection": "enabled"}}
-    assert inj["failurePolicy"] == "Fail"
-    [rule] = inj["rules"]
-    assert (rule["apiGroups"], rule["apiVersions"], rule["resources"], rule["operations"]) == (
-        [""], ["v1"], ["pods"], ["CREATE"])
-    val = _webhook(find(primary, "ValidatingWebhookConfiguration", "istio-validator-istio-system"))
+    _injection_hooks(find(primary, "MutatingWebhookConfiguration", "istio-sidecar-injector"), "/inject")
+    [val] = _webhooks(find(primary, "ValidatingWebhookConfiguration", "istio-validator-istio-system")).values()
     assert val["clientConfig"]["service"]["path"] == "/validate"
     [rule] = val["rules"]
     assert rule["apiGroups"] == ["networking.istio.io"]
@@ -542,20 +804,24 @@ def test_remote_objects(remote):
     svc = find(remote, "Service", "istiod")
     assert svc["metadata"]["namespace"] == "istio-system"
     assert "selector" not in svc["spec"], "the remote istiod Service must have no selector"
-    assert {p: n for p, (_, n) in service_ports(svc).items()} == {15012: "tcp-istiod", 443: "tcp-webhook"}
+    # Istio's remote-istiod-service.yaml: 15012, and 443 -> 15017.
+    assert service_ports(svc) == {15012: (15012, "tcp-istiod"), 443: (15017, "tcp-webhook")}
     eps = find(remote, "EndpointSlice", "istiod-primary")
     assert eps["apiVersion"] == "discovery.k8s.io/v1" and eps["addressType"] == "IPv4"
     assert eps["metadata"]["namespace"] == "istio-system"
     assert eps["metadata"]["labels"]["kubernetes.io/service-name"] == "istiod"
     [endpoint] = eps["endpoints"]
     assert endpoint["addresses"] == [PLACEHOLDER_IP]
-    # kube-proxy pairs Service and EndpointSlice ports by name; the slice's numbers are the
-    # primary LoadBalancer's ports.
-    primary_lb = find(render(DEPLOY / "primary").objects, "Service", "istiod-lb")
-    assert {p["name"]: p["port"] for p in eps["ports"]} == {n: port for port, (_, n) in service_ports(primary_lb).items()}
-    inj = _webhook(find(remote, "MutatingWebhookConfiguration", "istio-sidecar-injector"))
-    assert inj["clientConfig"]["service"]["path"] == "/inject/cluster/cluster2/net/network2"
-    assert inj["namespaceSelector"] == {"matchLabels": {"istio-injection": "enabled"}}
+    # Istio's remote-istiod-endpointslices.yaml; kube-proxy pairs the Service's and the slice's
+    # ports by name (test_remote_endpointslice_fits_every_address_it_may_point_at: the numbers).
+    assert {p["name"]: p["port"] for p in eps["ports"]} == {"tcp-istiod": 15012, "tcp-webhook": 15017}
+    # The remote's injector is the primary's, at this cluster's path.
+    cfg = find(remote, "MutatingWebhookConfiguration", "istio-sidecar-injector")
+    _injection_hooks(cfg, "/inject/cluster/cluster2/net/network2")
+    p_cfg = find(render(DEPLOY / "primary").objects, "MutatingWebhookConfiguration", "istio-sidecar-injector")
+    at_primary_path = json6902(cfg, [{"op": "replace", "path": f"/webhooks/{i}/clientConfig/service/path", "value": "/inject"}
+                                     for i in range(len(cfg["webhooks"]))])
+    assert at_primary_path["webhooks"] == p_cfg["webhooks"]
     sa = find(remote, "ServiceAccount", READER_SA)
     assert sa["metadata"]["namespace"] == "istio-system"
     assert not [o for o in remote if o["kind"] in ("Deployment", "ValidatingWebhookConfiguration")]
@@ -567,6 +833,11 @@ def test_overlays_set_cluster_settings_and_the_same_lb_ip():
     env = env_of(c)
     assert (env["CLUSTER_ID"], env["MESHD_NETWORK"], env["ISTIOD_CUSTOM_HOST"]) == ("cluster1", "network1", EXAMPLE_LB_IP)
     assert c["image"] == "registry.example.com/meshd:0.1.0"
+    # The namespace's network label (endpoints) and MESHD_NETWORK (injected proxies) agree, in the
+    # base and in the overlay (Istio issue 46772: the two disagreeing breaks cross-network routing).
+    for objects in (p, render(DEPLOY / "primary").objects):
+        ns = find(objects, "Namespace", "istio-system")
+        assert ns["metadata"]["labels"][NETWORK_LABEL] == env_of(deployment_container(objects))["MESHD_NETWORK"]
     r = render(DEPLOY / "overlays" / "remote-example").objects
     eps = find(r, "EndpointSlice", "istiod-primary")
     assert eps["endpoints"][0]["addresses"] == [EXAMPLE_LB_IP]
@@ -595,6 +866,495 @@ def test_reader_rbac_file_is_unchanged_in_shape():
     docs = load_docs(DEPLOY / "remote" / "reader-rbac.yaml")
     assert [d["kind"] for d in docs] == ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
     assert not any("admissionregistration.k8s.io" in r["apiGroups"] for r in docs[1]["rules"])
+
+
+# ============================================================================================
+# Different networks: east-west gateways, expose-istiod, expose-services, the remote's address
+# ============================================================================================
+
+ISTIOD_HOST = "istiod.istio-system.svc.cluster.local"
+
+
+def eastwest(directory: str = "eastwest") -> dict[str, dict]:
+    """An east-west gateway's objects (base or overlay), by kind."""
+    by_kind: dict[str, dict] = {}
+    for o in render(DEPLOY / directory).objects:
+        assert o["kind"] not in by_kind, f"two {o['kind']} in deploy/{directory}"
+        assert (o["metadata"]["name"], o["metadata"]["namespace"]) == (EASTWEST, "istio-system"), obj_id(o)
+        by_kind[o["kind"]] = o
+    assert set(by_kind) == {"ServiceAccount", "Role", "RoleBinding", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    return by_kind
+
+
+def eastwest_network(ew: dict[str, dict]) -> str:
+    """The network an east-west gateway is for; every field that carries it must agree."""
+    tpl = ew["Deployment"]["spec"]["template"]
+    [c] = tpl["spec"]["containers"]
+    names = {
+        "pod label": tpl["metadata"]["labels"][NETWORK_LABEL],
+        "ISTIO_META_REQUESTED_NETWORK_VIEW": env_of(c)["ISTIO_META_REQUESTED_NETWORK_VIEW"],
+        "Service label": ew["Service"]["metadata"]["labels"][NETWORK_LABEL],
+    }
+    assert len(set(names.values())) == 1, f"the east-west gateway names several networks: {names}"
+    return names["pod label"]
+
+
+def pod_labels_of(dep: dict) -> dict[str, str]:
+    return dep["spec"]["template"]["metadata"]["labels"]
+
+
+def test_eastwest_gateway_is_istios():
+    """deploy/eastwest as Istio's gateway chart renders it with networkGateway (and
+    gen-eastwest-gateway.sh --network generates it)."""
+    ew = eastwest()
+    dep, svc = ew["Deployment"], ew["Service"]
+    tpl = dep["spec"]["template"]
+    labels = pod_labels_of(dep)
+    assert {k: labels.get(k) for k in ("istio", "app")} == {"istio": "eastwestgateway", "app": EASTWEST}
+    assert labels[NETWORK_LABEL] == eastwest_network(ew) == "network1"
+    assert selector_matches(dep["spec"]["selector"], labels)
+    # A placeholder container that meshd's injector fills in with Istio's `gateway` template.
+    assert labels["sidecar.istio.io/inject"] == "true"
+    assert tpl["metadata"]["annotations"]["inject.istio.io/templates"] == "gateway"
+    [c] = tpl["spec"]["containers"]
+    assert (c["name"], c["image"]) == ("istio-proxy", "auto")
+    assert not tpl["spec"].get("initContainers")
+    # env/0 is what the overlays patch (behind a JSON patch `test`); ROUTER_MODE is obsolete (the
+    # sni-dnat clusters come from the AUTO_PASSTHROUGH server).
+    assert c["env"][0]["name"] == "ISTIO_META_REQUESTED_NETWORK_VIEW"
+    assert "ISTIO_META_ROUTER_MODE" not in env_of(c)
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 1337 and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in tpl["spec"]["securityContext"]["sysctls"]
+    # Replicas: the HPA's (the chart's autoscaling default).
+    assert "replicas" not in dep["spec"]
+    hpa = ew["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": EASTWEST}
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 5)
+    # Its own account, which may read the Secrets of istio-system and nothing else.
+    assert tpl["spec"]["serviceAccountName"] == ew["ServiceAccount"]["metadata"]["name"] == EASTWEST
+    assert ew["Role"]["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "watch", "list"]}]
+    assert ew["RoleBinding"]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": EASTWEST}
+    assert ew["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": EASTWEST, "namespace": "istio-system"}]
+    # The Service: a LoadBalancer with the four network gateway ports under Istio's names.
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert {p["name"]: (p["port"], p["targetPort"], p.get("protocol", "TCP")) for p in svc["spec"]["ports"]} == {
+        name: (port, port, "TCP") for name, port in EASTWEST_PORTS.items()}
+    assert {k: svc["metadata"]["labels"].get(k) for k in ("istio", "app")} == {"istio": "eastwestgateway", "app": EASTWEST}
+    assert svc["spec"]["selector"] and selector_matches({"matchLabels": svc["spec"]["selector"]}, labels)
+    # Found as its network's gateway by the label, on the default port 15443 (no
+    # networking.istio.io/gatewayPort label moving it).
+    assert "networking.istio.io/gatewayPort" not in svc["metadata"]["labels"]
+
+
+def test_the_two_clusters_are_on_different_networks():
+    networks = [n for n, _, _ in CLUSTERS.values()]
+    assert len(set(networks)) == len(networks) == 2
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+def test_eastwest_overlay_sets_its_clusters_network(cluster):
+    network, ew_dir, cluster_dir = CLUSTERS[cluster]
+    ew = eastwest(ew_dir)
+    assert eastwest_network(ew) == network
+    # The overlay is the base with the network replaced, nothing else.
+    base = eastwest()
+    base_network = eastwest_network(base)
+    swapped = json.loads(json.dumps(base).replace(json.dumps(base_network), json.dumps(network)))
+    assert ew == swapped
+    # The same network as the rest of that cluster's install.
+    objects = render(DEPLOY / cluster_dir).objects
+    ns = find(objects, "Namespace", "istio-system")
+    assert ns["metadata"]["labels"][NETWORK_LABEL] == network
+    if cluster == "cluster1":
+        env = env_of(deployment_container(objects))
+        assert (env["CLUSTER_ID"], env["MESHD_NETWORK"]) == (cluster, network)
+    else:
+        assert ns["metadata"]["annotations"]["topology.istio.io/controlPlaneClusters"] == "cluster1"
+        cfg = find(objects, "MutatingWebhookConfiguration", "istio-sidecar-injector")
+        _injection_hooks(cfg, f"/inject/cluster/{cluster}/net/{network}")
+
+
+def _called_webhooks(cfg: dict, namespace: str, namespace_labels: dict, pod_labels: dict) -> list[tuple[str, str]]:
+    """(name, path) of every webhook of `cfg` the API server calls for a new pod."""
+    # The API server labels every namespace with its name.
+    ns_labels = {**namespace_labels, "kubernetes.io/metadata.name": namespace}
+    return [(h["name"], h["clientConfig"]["service"]["path"]) for h in cfg["webhooks"]
+            if selector_matches(h.get("namespaceSelector"), ns_labels)
+            and selector_matches(h.get("objectSelector"), pod_labels)]
+
+
+@pytest.mark.parametrize("cluster", sorted(CLUSTERS))
+def test_injection_webhooks_select_the_eastwest_gateway_once(cluster):
+    """The east-west gateway's pods, in istio-system (no injection label), reach meshd's injector
+    exactly once, at the cluster's path; application pods as Istio's selectors send them; meshd's
+    own pods never (they would need meshd to start)."""
+    network, ew_dir, cluster_dir = CLUSTERS[cluster]
+    objects = render(DEPLOY / cluster_dir).objects
+    cfg = find(objects, "MutatingWebhookConfiguration", "istio-sidecar-injector")
+    system_labels = find(objects, "Namespace", "istio-system")["metadata"].get("labels", {})
+    path = "/inject" if cluster == "cluster1" else f"/inject/cluster/{cluster}/net/{network}"
+    ns_hook, obj_hook = ("namespace.sidecar-injector.istio.io", path), ("object.sidecar-injector.istio.io", path)
+    gateway_pod = pod_labels_of(eastwest(ew_dir)["Deployment"])
+    assert _called_webhooks(cfg, "istio-system", system_labels, gateway_pod) == [obj_hook]
+    enabled = {"istio-injection": "enabled"}
+    assert _called_webhooks(cfg, "sample", enabled, {"app": "helloworld"}) == [ns_hook]
+    assert _called_webhooks(cfg, "sample", enabled, {"app": "curl", "sidecar.istio.io/inject": "true"}) == [ns_hook]
+    assert _called_webhooks(cfg, "sample", enabled, {"app": "x", "sidecar.istio.io/inject": "false"}) == []
+    assert _called_webhooks(cfg, "default", {}, {"app": "x"}) == []
+    assert _called_webhooks(cfg, "default", {}, {"app": "x", "sidecar.istio.io/inject": "true"}) == [obj_hook]
+    assert _called_webhooks(cfg, "disabled", {"istio-injection": "disabled"}, {"sidecar.istio.io/inject": "true"}) == []
+    primary = render(DEPLOY / "primary").objects
+    meshd_pod = pod_labels_of(find(primary, "Deployment", "istiod"))
+    for ns_labels in (system_labels, {**system_labels, **enabled}):
+        assert _called_webhooks(cfg, "istio-system", ns_labels, meshd_pod) == []
+
+
+def test_expose_istiod_is_istios_sample():
+    """samples/multicluster/expose-istiod.yaml, field for field (networking.istio.io/v1)."""
+    objects = render(DEPLOY / "expose-istiod").objects
+    assert sorted(obj_id(o) for o in objects) == [
+        ("networking.istio.io", "Gateway", "istio-system", "istiod-gateway"),
+        ("networking.istio.io", "VirtualService", "istio-system", "istiod-vs"),
+    ]
+    gw, vs = find(objects, "Gateway", "istiod-gateway"), find(objects, "VirtualService", "istiod-vs")
+    assert gw["apiVersion"] == vs["apiVersion"] == "networking.istio.io/v1"
+    assert gw["spec"] == {
+        "selector": {"istio": "eastwestgateway"},
+        "servers": [
+            {"port": {"name": "tls-istiod", "number": 15012, "protocol": "tls"},
+             "tls": {"mode": "PASSTHROUGH"}, "hosts": ["*"]},
+            {"port": {"name": "tls-istiodwebhook", "number": 15017, "protocol": "tls"},
+             "tls": {"mode": "PASSTHROUGH"}, "hosts": ["*"]},
+        ],
+    }
+    assert vs["spec"] == {
+        "hosts": ["*"],
+        "gateways": ["istiod-gateway"],
+        "tls": [
+            {"match": [{"port": 15012, "sniHosts": ["*"]}],
+             "route": [{"destination": {"host": ISTIOD_HOST, "port": {"number": 15012}}}]},
+            {"match": [{"port": 15017, "sniHosts": ["*"]}],
+             "route": [{"destination": {"host": ISTIOD_HOST, "port": {"number": 443}}}]},
+        ],
+    }
+
+
+def test_expose_istiod_ends_at_meshds_tls_listeners(primary):
+    """Each PASSTHROUGH port ends at the meshd listener that serves it: the Gateway selects both
+    networks' east-west gateways and listens on ports their Service exposes; the VirtualService
+    binds to it and matches exactly its ports; its destinations are ports of Service istiod whose
+    targets are meshd's TLS gRPC (15012) and webhook (15017) listeners, never plaintext 15010 or
+    monitoring 15014."""
+    objects = render(DEPLOY / "expose-istiod").objects
+    gw, vs = find(objects, "Gateway", "istiod-gateway"), find(objects, "VirtualService", "istiod-vs")
+    passthrough = {s["port"]["number"] for s in gw["spec"]["servers"] if s["tls"]["mode"] == "PASSTHROUGH"}
+    assert passthrough == {15012, 15017}
+    for _, ew_dir, _ in CLUSTERS.values():
+        ew = eastwest(ew_dir)
+        assert selector_matches({"matchLabels": gw["spec"]["selector"]}, pod_labels_of(ew["Deployment"]))
+        exposed = {p["port"]: p["targetPort"] for p in ew["Service"]["spec"]["ports"]}
+        assert all(exposed.get(port) == port for port in passthrough), exposed
+    assert vs["metadata"]["namespace"] == gw["metadata"]["namespace"]
+    assert vs["spec"]["gateways"] == [gw["metadata"]["name"]]
+    istiod = find(primary, "Service", "istiod")
+    assert ISTIOD_HOST == f"{istiod['metadata']['name']}.{istiod['metadata']['namespace']}.svc.{config_default('DOMAIN_SUFFIX')}"
+    target_of = {p["port"]: p["targetPort"] for p in istiod["spec"]["ports"]}
+    reached = {}
+    for route in vs["spec"]["tls"]:
+        [match], [dest] = route["match"], route["route"]
+        assert dest["destination"]["host"] == ISTIOD_HOST
+        reached[match["port"]] = target_of[dest["destination"]["port"]["number"]]
+    assert reached == {15012: 15012, 15017: 15017}
+    # Those are meshd's TLS listeners: the defaults, which the Deployment keeps.
+    args = parse_args(deployment_container(primary)["args"])
+    assert "grpc-addr" not in args and "webhook-addr" not in args
+    assert config_default("MESHD_GRPC_ADDR").endswith(":15012")
+    assert config_default("MESHD_WEBHOOK_ADDR").endswith(":15017")
+    container_ports = {p["containerPort"]: p["name"] for p in deployment_container(primary)["ports"]}
+    assert (container_ports[15012], container_ports[15017]) == ("https-dns", "https-webhook")
+
+
+def test_expose_services_is_istios_sample():
+    """samples/multicluster/expose-services.yaml (networking.istio.io/v1), on the port the
+    east-west gateways of both networks expose as `tls`."""
+    [gw] = render(DEPLOY / "expose-services").objects
+    assert (gw["apiVersion"], gw["kind"]) == ("networking.istio.io/v1", "Gateway")
+    assert gw["metadata"] == {"name": "cross-network-gateway", "namespace": "istio-system"}
+    assert gw["spec"] == {
+        "selector": {"istio": "eastwestgateway"},
+        "servers": [{"port": {"number": 15443, "name": "tls", "protocol": "TLS"},
+                     "tls": {"mode": "AUTO_PASSTHROUGH"}, "hosts": ["*.local"]}],
+    }
+    for _, ew_dir, _ in CLUSTERS.values():
+        ew = eastwest(ew_dir)
+        assert selector_matches({"matchLabels": gw["spec"]["selector"]}, pod_labels_of(ew["Deployment"]))
+        [tls] = [p for p in ew["Service"]["spec"]["ports"] if p["name"] == "tls"]
+        assert tls["port"] == tls["targetPort"] == gw["spec"]["servers"][0]["port"]["number"]
+    # `*.local` covers every service of the mesh's DNS domain.
+    assert fnmatch.fnmatch(f"helloworld.sample.svc.{config_default('DOMAIN_SUFFIX')}", "*.local")
+    # Only the east-west gateways serve it: the Gateways of deploy/ select nothing else.
+    for d in kustomization_dirs():
+        for o in render(d).objects:
+            if o["kind"] == "Gateway":
+                assert o["spec"]["selector"] == {"istio": "eastwestgateway"}, obj_id(o)
+
+
+def test_remote_endpointslice_fits_every_address_it_may_point_at(remote):
+    """cluster2's istiod EndpointSlice (Istio's remote profile: 15012 and 15017) works with either
+    address it may hold: cluster1's east-west gateway (tls-istiod, tls-webhook, both PASSTHROUGH
+    in expose-istiod) or, on one network, istiod-lb."""
+    eps = {p["name"]: p["port"] for p in find(remote, "EndpointSlice", "istiod-primary")["ports"]}
+    assert eps == {"tcp-istiod": 15012, "tcp-webhook": 15017}
+    ew = {p["name"]: p["port"] for p in eastwest(CLUSTERS["cluster1"][1])["Service"]["spec"]["ports"]}
+    assert (ew["tls-istiod"], ew["tls-webhook"]) == (eps["tcp-istiod"], eps["tcp-webhook"])
+    gw = find(render(DEPLOY / "expose-istiod").objects, "Gateway", "istiod-gateway")
+    assert {s["port"]["number"] for s in gw["spec"]["servers"] if s["tls"]["mode"] == "PASSTHROUGH"} == set(eps.values())
+    lb = find(render(DEPLOY / "istiod-lb").objects, "Service", "istiod-lb")
+    assert {p["name"]: p["port"] for p in lb["spec"]["ports"]} == eps
+    # The remote Service's ports have the slice's names (kube-proxy pairs them by name).
+    svc = find(remote, "Service", "istiod")
+    assert {p["name"] for p in svc["spec"]["ports"]} == set(eps)
+
+
+def test_same_network_variant():
+    """deploy/overlays/remote-same-network: cluster2 on the primary's network, pointing at
+    istiod-lb; only the namespace label, the injection paths and the address differ from the base."""
+    primary_network = find(render(DEPLOY / "overlays" / "primary-example").objects,
+                           "Namespace", "istio-system")["metadata"]["labels"][NETWORK_LABEL]
+    r = render(DEPLOY / "overlays" / "remote-same-network").objects
+    assert find(r, "Namespace", "istio-system")["metadata"]["labels"][NETWORK_LABEL] == primary_network
+    _injection_hooks(find(r, "MutatingWebhookConfiguration", "istio-sidecar-injector"),
+                     f"/inject/cluster/cluster2/net/{primary_network}")
+    assert find(r, "EndpointSlice", "istiod-primary")["endpoints"][0]["addresses"] == [EXAMPLE_LB_IP]
+    base = {obj_id(o): o for o in render(DEPLOY / "remote").objects}
+    assert set(base) == {obj_id(o) for o in r}
+    assert sorted(o["kind"] for o in r if base[obj_id(o)] != o) == ["EndpointSlice", "MutatingWebhookConfiguration", "Namespace"]
+
+
+# --------------------------------------------------------------------------------------------
+# deploy/README.md: the commands refer to what exists, in the order of Istio's docs
+# --------------------------------------------------------------------------------------------
+
+README = DEPLOY / "README.md"
+
+
+def readme_commands() -> list[str]:
+    """The shell commands of deploy/README.md's ```sh blocks, continuations joined, comments
+    dropped."""
+    out = []
+    for block in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S):
+        buf = ""
+        for raw in block.splitlines():
+            line = re.sub(r"(^|\s+)#(\s.*)?$", "", raw).rstrip()
+            if line.endswith("\\"):
+                buf += line[:-1] + " "
+                continue
+            line = (buf + line).strip()
+            buf = ""
+            if line:
+                out.append(line)
+        assert not buf, "a ```sh block of deploy/README.md ends in a continuation"
+    assert out
+    return out
+
+
+def _readme_copies(commands: list[str]) -> dict[str, str]:
+    """`cp -r deploy/overlays/X deploy/overlays/Y` of the README: Y -> X (paths under deploy/)."""
+    copies = {}
+    for c in commands:
+        for src, dst in re.findall(r"\bcp -r deploy/(\S+) deploy/(\S+)", c):
+            assert (DEPLOY / src / "kustomization.yaml").is_file(), f"README copies a missing {src}"
+            copies[dst.rstrip("/")] = src.rstrip("/")
+    return copies
+
+
+def test_readme_applies_existing_kustomizations_in_istios_order():
+    """Every `apply -k` of deploy/README.md names a kustomization of deploy/ (or a copy the README
+    makes of one), and the different-networks walk-through runs in the order of Istio's "Install
+    Primary-Remote on different networks": cluster1's network label, the primary, cluster1's
+    east-west gateway, expose-istiod, cluster2's namespace (annotation, network label), the remote
+    pointing at cluster1's gateway, the remote secret, cluster2's east-west gateway,
+    expose-services in cluster1, then the helloworld/curl verification in both clusters."""
+    commands = readme_commands()
+    copies = _readme_copies(commands)
+    steps = []
+    for c in commands:
+        ctx = re.search(r'kubectl\b.*?--context="?\$\{?(CTX_CLUSTER\d)\}?"?', c)
+        ctx = ctx.group(1) if ctx else None
+        for target in re.findall(r"\bapply -k (\S+)", c):
+            assert target.startswith("deploy/"), c
+            rel = target[len("deploy/"):].rstrip("/")
+            rel = copies.get(rel, rel)
+            assert (DEPLOY / rel / "kustomization.yaml").is_file(), f"README applies {target}, not a kustomization"
+            steps.append((ctx, rel))
+        if re.search(rf"\blabel (--overwrite )?namespace istio-system {re.escape(NETWORK_LABEL)}=(\S+)", c):
+            steps.append((ctx, "label " + c.rsplit("=", 1)[1]))
+        if re.search(r"\bannotate (--overwrite )?namespace istio-system topology.istio.io/controlPlaneClusters=cluster1\b", c):
+            steps.append((ctx, "annotate"))
+        if "meshd create-remote-secret" in c:
+            m = re.search(r'create-remote-secret\b.*--context[= ]"?\$\{?(CTX_CLUSTER\d)\}?"?.*--name cluster2\b.*\|\s*(.*)', c)
+            assert m, f"create-remote-secret must read cluster2 and be applied to cluster1: {c}"
+            applied = re.search(r'--context="?\$\{?(CTX_CLUSTER\d)\}?"?', m.group(2))
+            assert m.group(1) == "CTX_CLUSTER2" and applied and applied.group(1) == "CTX_CLUSTER1", c
+            steps.append(("CTX_CLUSTER1", "remote secret"))
+        if "helloworld.yaml" in c:
+            sel = re.search(r"-l (\S+)", c)
+            steps.append((ctx, "helloworld " + (sel.group(1) if sel else "?")))
+        if "curl -sS helloworld.sample:5000/hello" in c:
+            steps.append((ctx, "call helloworld"))
+    want = [
+        ("CTX_CLUSTER1", "label network1"),
+        ("CTX_CLUSTER1", "overlays/primary-example"),
+        ("CTX_CLUSTER1", "overlays/eastwest-cluster1"),
+        ("CTX_CLUSTER1", "expose-istiod"),
+        ("CTX_CLUSTER2", "annotate"),
+        ("CTX_CLUSTER2", "label network2"),
+        ("CTX_CLUSTER2", "overlays/remote-example"),
+        ("CTX_CLUSTER1", "remote secret"),
+        ("CTX_CLUSTER2", "overlays/eastwest-cluster2"),
+        ("CTX_CLUSTER1", "expose-services"),
+        ("CTX_CLUSTER1", "helloworld service=helloworld"),
+        ("CTX_CLUSTER2", "helloworld service=helloworld"),
+        ("CTX_CLUSTER1", "helloworld version=v1"),
+        ("CTX_CLUSTER2", "helloworld version=v2"),
+        ("CTX_CLUSTER1", "call helloworld"),
+        ("CTX_CLUSTER2", "call helloworld"),
+    ]
+    it = iter(steps)
+    missing = [w for w in want if w not in it]  # `in` on an iterator consumes: an ordered subsequence
+    assert not missing, f"deploy/README.md lacks, or has out of order, {missing}; its steps: {steps}"
+    # expose-services only ever in cluster1; cluster2's plumbing only in cluster2.
+    assert {ctx for ctx, s in steps if s == "expose-services"} == {"CTX_CLUSTER1"}
+    assert {ctx for ctx, s in steps if s in ("overlays/remote-example", "overlays/eastwest-cluster2")} == {"CTX_CLUSTER2"}
+    # Every deploy/ path the README mentions exists (or is a copy it makes).
+    for path in set(re.findall(r"\bdeploy/([\w./-]*\w)", README.read_text())):
+        made = any(path == d or path.startswith(d + "/") for d in copies)
+        assert made or (DEPLOY / path).exists(), f"deploy/README.md mentions deploy/{path}, which does not exist"
+
+
+def test_readme_copy_and_edit_commands_render(tmp_path):
+    """The README's `cp -r` of an example overlay and `sed` of its example address, run on a copy
+    of deploy/: every copy renders, with the substituted address and without the example one."""
+    commands = readme_commands()
+    work = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, work)
+    values = {"DISCOVERY_ADDRESS": "198.51.100.7", "LB_IP": "198.51.100.8"}
+    copies = _readme_copies(commands)
+    assert copies, "the README makes no copy of an example overlay"
+    for dst, src in copies.items():
+        if not (work / dst).exists():
+            shutil.copytree(work / src, work / dst)
+    edited: dict[str, set[str]] = {}
+    for c in commands:
+        for expr, file in re.findall(r"\bsed -i \"(s/[^\"]+)\" deploy/(\S+)", c):
+            _, old, new, flags = expr.split("/")
+            assert flags in ("", "g"), expr
+            var = re.fullmatch(r"\$\{?(\w+)\}?", new)
+            assert var and var.group(1) in values, f"unknown substitution {new} in {c}"
+            path = work / file
+            assert path.is_file(), f"README edits a missing deploy/{file}"
+            text = path.read_text()
+            assert re.search(old, text), f"deploy/{file} has no {old} to replace"
+            path.write_text(re.sub(old, values[var.group(1)], text))
+            [copy_dir] = [d for d in copies if file.startswith(d + "/")]
+            edited.setdefault(copy_dir, set()).add(values[var.group(1)])
+    # Each copy exists to be given a real address.
+    assert set(edited) == set(copies), (edited, copies)
+    for d, vals in edited.items():
+        rendered = json.dumps(render(work / d).objects)
+        for v in vals:
+            assert v in rendered, f"{d}: {v} did not reach the rendered objects"
+        assert EXAMPLE_LB_IP not in rendered, f"{d}: still has the example address"
+
+
+@pytest.fixture(scope="module")
+def standalone_meshd(tmp_path_factory):
+    m = start_meshd(tmp_path_factory.mktemp("webhook") / "data")
+    try:
+        ok = m.stderr.wait(lambda ls: "webhook" in parse_listeners(ls), time.monotonic() + START_TIMEOUT_S)
+        assert ok, f"no webhook listener line\n{m.describe()}"
+        m.addrs = parse_listeners(m.stderr.lines())
+        yield m
+    finally:
+        m.stop()
+
+
+class _IstiodHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a loopback port, verifying meshd's certificate as istiod.istio-system.svc."""
+
+    def __init__(self, host: str, port: int, ctx: ssl.SSLContext):
+        super().__init__(host, port, timeout=15, context=ctx)
+        self._verify_ctx = ctx
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._verify_ctx.wrap_socket(sock, server_hostname="istiod.istio-system.svc")
+
+
+def admission_review(meshd, path: str, obj: dict, group: str, resource: str, namespace: str) -> dict:
+    """POSTs one AdmissionReview (CREATE) to meshd's webhook listener; returns its response."""
+    kind = {"group": group, "version": obj["apiVersion"].split("/")[-1], "kind": obj["kind"]}
+    res = {"group": group, "version": kind["version"], "resource": resource}
+    uid = f"test-{obj['kind'].lower()}-{time.monotonic_ns()}"
+    body = {
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": uid, "kind": kind, "resource": res, "requestKind": kind, "requestResource": res,
+                    "namespace": namespace, "operation": "CREATE", "userInfo": {"username": "admin"},
+                    "object": obj, "oldObject": None, "dryRun": False,
+                    "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}},
+    }
+    host, port = meshd.addrs["webhook"]
+    conn = _IstiodHTTPS(host, port, ssl.create_default_context(cafile=str(meshd.root_cert_path)))
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        text = r.read().decode()
+    finally:
+        conn.close()
+    assert r.status == 200, f"{path}: {r.status} {text}"
+    reply = json.loads(text)
+    assert reply["response"]["uid"] == uid
+    return reply["response"]
+
+
+def test_meshd_admits_the_istio_objects_of_deploy(standalone_meshd):
+    """meshd's own /validate (the primary's istio-validator-istio-system) admits every Istio object
+    of deploy/, and refuses a broken one (so the answer is not always yes)."""
+    istio = [o for d in kustomization_dirs() for o in render(d).objects if group_of(o) == "networking.istio.io"]
+    assert {o["metadata"]["name"] for o in istio} == {"istiod-gateway", "istiod-vs", "cross-network-gateway"}
+    plural = {"Gateway": "gateways", "VirtualService": "virtualservices"}
+    for o in istio:
+        resp = admission_review(standalone_meshd, "/validate", o, "networking.istio.io", plural[o["kind"]], "istio-system")
+        assert resp["allowed"] is True, f"{o['kind']}/{o['metadata']['name']}: {resp}"
+    broken = copy.deepcopy(find(istio, "Gateway", "cross-network-gateway"))
+    broken["spec"]["servers"][0]["tls"]["mode"] = "AUTO_PASSTHROUGHX"
+    resp = admission_review(standalone_meshd, "/validate", broken, "networking.istio.io", "gateways", "istio-system")
+    assert resp["allowed"] is False and "spec.servers[0].tls" in json.dumps(resp), resp
+
+
+def test_meshd_injects_the_eastwest_gateway_pod(standalone_meshd):
+    """The cluster2 gateway's pod template sent to meshd's /inject at cluster2's path, as the remote
+    API server sends it through cluster1's east-west gateway: admitted, `auto` replaced by the
+    proxy image, and the network settings reach the proxy (REQUESTED_NETWORK_VIEW kept, cluster
+    and network from the path and the pod label)."""
+    network, ew_dir, cluster_dir = CLUSTERS["cluster2"]
+    [hook_path] = {h["clientConfig"]["service"]["path"] for h in
+                   find(render(DEPLOY / cluster_dir).objects, "MutatingWebhookConfiguration", "istio-sidecar-injector")["webhooks"]}
+    tpl = copy.deepcopy(eastwest(ew_dir)["Deployment"]["spec"]["template"])
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {**tpl["metadata"], "generateName": f"{EASTWEST}-5c8d6f9b7d-"}, "spec": tpl["spec"]}
+    resp = admission_review(standalone_meshd, hook_path, pod, "", "pods", "istio-system")
+    assert resp["allowed"] is True, resp
+    assert resp.get("patchType") == "JSONPatch", resp
+    injected = json6902(pod, json.loads(base64.b64decode(resp["patch"])))
+    [proxy] = [c for c in injected["spec"]["containers"] if c["name"] == "istio-proxy"]
+    assert proxy["image"] != "auto" and proxy["image"] == config_default("MESHD_PROXY_IMAGE"), proxy["image"]
+    env = env_of(proxy)
+    assert env["ISTIO_META_REQUESTED_NETWORK_VIEW"] == network
+    assert (env["ISTIO_META_CLUSTER_ID"], env["ISTIO_META_NETWORK"]) == ("cluster2", network)
+    assert injected["metadata"]["labels"][NETWORK_LABEL] == network
 
 
 # ============================================================================================
