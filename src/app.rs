@@ -414,8 +414,9 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     // --- service registry sources (src/registry): --config-dir files, else Kubernetes
     // discovery in every registered cluster plus Istio config from the primary. ---
     {
+        // `--network` names the primary's endpoints that no label or meshNetworks names.
+        mesh.set_default_network(&args.cluster_id, &args.network);
         let settings = crate::registry::kube_source::RegistrySettings {
-            default_network: args.network.clone(),
             trust_domain: args.trust_domain.clone(),
             system_namespace: args.system_namespace.clone(),
         };

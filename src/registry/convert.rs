@@ -19,9 +19,8 @@ use super::store::{ClusterShard, ShardService};
 
 /// Label on an EndpointSlice naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Network of a Pod (label) or of every endpoint in a Namespace (label on the Namespace; on the
-/// system namespace it is the whole cluster's default network, as in istiod).
-pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+/// Network of a Pod (its label) or of a whole cluster (the label on its system namespace).
+pub use super::network::NETWORK_LABEL;
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
@@ -53,8 +52,6 @@ impl ObjKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
     pub cluster_id: String,
-    /// Network of endpoints with no network label anywhere (`--network`).
-    pub default_network: String,
     /// Trust domain of the SPIFFE identities built from pods' service accounts.
     pub trust_domain: String,
     /// istiod's namespace: its network label is the cluster's network.
@@ -148,6 +145,24 @@ pub fn service_facts(s: &KubeService) -> Option<(ServiceKey, ServiceFacts)> {
         .collect();
     cluster_ips.sort();
     cluster_ips.dedup();
+    // Where a network gateway is reached from outside: LoadBalancer ingress (IP, else hostname,
+    // which meshd resolves itself), then externalIPs (istiod's ConvertService).
+    let mut external_addresses: Vec<String> = Vec::new();
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        let ingress = s
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for i in ingress.into_iter().flatten() {
+            if let Some(a) = i.ip.as_ref().or(i.hostname.as_ref()).filter(|a| !a.is_empty()) {
+                external_addresses.push(a.clone());
+            }
+        }
+    }
+    external_addresses.extend(spec.external_ips.unwrap_or_default().into_iter().filter(|a| !a.is_empty()));
+    let mut seen = BTreeSet::new();
+    external_addresses.retain(|a| seen.insert(a.clone()));
     Some((
         ServiceKey::new(&key.namespace, &key.name),
         ServiceFacts {
@@ -155,6 +170,7 @@ pub fn service_facts(s: &KubeService) -> Option<(ServiceKey, ServiceFacts)> {
                 ports,
                 labels: s.metadata.labels.clone().unwrap_or_default(),
                 cluster_ips,
+                external_addresses,
             },
             publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         },
@@ -463,12 +479,17 @@ impl ClusterState {
         }
     }
 
-    fn network(&self, namespace: &str, pod: Option<&PodFacts>) -> String {
-        let ns_network = |ns: &str| self.namespaces.get(ns).and_then(|n| n.network.clone());
+    /// The pod's network label, else the system namespace's (istiod's first two steps; the
+    /// store applies meshNetworks and the cluster default to what is left empty). A label on
+    /// any other namespace is not a network, as in istiod.
+    fn network(&self, pod: Option<&PodFacts>) -> String {
         pod.and_then(|p| p.labels.get(NETWORK_LABEL).filter(|v| !v.is_empty()).cloned())
-            .or_else(|| ns_network(namespace))
-            .or_else(|| ns_network(&self.settings.system_namespace))
-            .unwrap_or_else(|| self.settings.default_network.clone())
+            .or_else(|| {
+                self.namespaces
+                    .get(&self.settings.system_namespace)
+                    .and_then(|n| n.network.clone())
+            })
+            .unwrap_or_default()
     }
 
     /// The endpoints of one service in this cluster: every slice of it merged, ready addresses
@@ -512,7 +533,7 @@ impl ClusterState {
                             service_port_name: port.name.clone(),
                             port: port.port,
                             cluster_id: self.settings.cluster_id.clone(),
-                            network: self.network(pod_ns, pod),
+                            network: self.network(pod),
                             locality: locality.clone(),
                             labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
                             service_account: pod.map(|p| {
@@ -650,7 +671,6 @@ mod tests {
     fn settings() -> ClusterSettings {
         ClusterSettings {
             cluster_id: "cluster1".into(),
-            default_network: "net-default".into(),
             trust_domain: "cluster.local".into(),
             system_namespace: "istio-system".into(),
         }
@@ -694,6 +714,27 @@ mod tests {
         assert_eq!(f.shard.ports[0].protocol, Protocol::Http);
         assert_eq!(f.shard.ports[1].protocol, Protocol::Grpc);
         assert_eq!(f.shard.cluster_ips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
+        assert!(f.shard.external_addresses.is_empty());
+    }
+
+    #[test]
+    fn gateway_addresses_come_from_the_load_balancer_status_and_external_ips() {
+        let s: KubeService = serde_json::from_value(json!({
+            "metadata": {"name": "ew", "namespace": "istio-system", "labels": {"topology.istio.io/network": "n1"}},
+            "spec": {"type": "LoadBalancer", "externalIPs": ["3.3.3.3", "1.1.1.1"], "ports": [{"name": "tls", "port": 15443}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "1.1.1.1"}, {"hostname": "ew.example.com"}, {}]}},
+        }))
+        .unwrap();
+        let (_, f) = service_facts(&s).unwrap();
+        assert_eq!(f.shard.external_addresses, vec!["1.1.1.1", "ew.example.com", "3.3.3.3"]);
+        // A ClusterIP Service's stale LoadBalancer status is not an address; externalIPs are.
+        let s: KubeService = serde_json::from_value(json!({
+            "metadata": {"name": "ew", "namespace": "istio-system"},
+            "spec": {"type": "ClusterIP", "externalIPs": ["3.3.3.3"]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "1.1.1.1"}]}},
+        }))
+        .unwrap();
+        assert_eq!(service_facts(&s).unwrap().1.shard.external_addresses, vec!["3.3.3.3"]);
     }
 
     #[test]
@@ -719,7 +760,10 @@ mod tests {
         st.set_slice(k2, Some(s2));
         let eps = st.endpoints(&echo);
         assert_eq!(eps.len(), 2, "ready only, deduplicated: {eps:?}");
-        assert!(eps.iter().all(|e| e.network == "net-default" && e.labels.is_empty()));
+        assert!(
+            eps.iter().all(|e| e.network.is_empty() && e.labels.is_empty()),
+            "no label anywhere: the store fills meshNetworks or the cluster default"
+        );
 
         let (pk, pf) = pod_facts(&pod("echo-1", "10.0.0.1", "v1", "node-a"));
         assert_eq!(st.set_pod(pk, Some(pf)), [echo.clone()].into(), "the pod backs echo");
@@ -751,6 +795,27 @@ mod tests {
         assert_eq!(e1.locality.region, "r1");
         assert_eq!(e1.locality.subzone, "s1");
         assert_eq!(e1.network, "net1", "the system namespace's network is the cluster's");
+        // A label on another namespace is not a network (istiod reads the system namespace only);
+        // the pod's own label wins over the cluster's.
+        let other: Namespace = serde_json::from_value(
+            json!({"metadata": {"name": "default", "labels": {"topology.istio.io/network": "elsewhere"}}}),
+        )
+        .unwrap();
+        let (n, f) = namespace_facts(&other);
+        st.set_namespace(n, Some(f));
+        let mut labelled = pod("echo-2", "10.0.0.2", "v2", "node-a");
+        labelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(NETWORK_LABEL.into(), "pod-net".into());
+        let (pk2, pf2) = pod_facts(&labelled);
+        st.set_pod(pk2, Some(pf2));
+        let eps = st.endpoints(&echo);
+        let net = |ip: &str| eps.iter().find(|e| e.address.to_string() == ip).unwrap().network.clone();
+        assert_eq!(net("10.0.0.1"), "net1");
+        assert_eq!(net("10.0.0.2"), "pod-net");
         assert_eq!(e1.service_port_name, "http");
         assert_eq!(e1.port, 8080);
         assert_eq!(e1.cluster_id, "cluster1");

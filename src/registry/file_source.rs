@@ -369,7 +369,6 @@ mod tests {
 
     fn settings() -> RegistrySettings {
         RegistrySettings {
-            default_network: String::new(),
             trust_domain: "cluster.local".into(),
             system_namespace: "istio-system".into(),
         }

@@ -51,8 +51,6 @@ const CRD_RETRY: Duration = Duration::from_secs(60);
 /// What every cluster's endpoints inherit unless labels say otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistrySettings {
-    /// `--network`.
-    pub default_network: String,
     pub trust_domain: String,
     pub system_namespace: String,
 }
@@ -61,7 +59,6 @@ impl RegistrySettings {
     pub fn for_cluster(&self, cluster_id: &str) -> ClusterSettings {
         ClusterSettings {
             cluster_id: cluster_id.into(),
-            default_network: self.default_network.clone(),
             trust_domain: self.trust_domain.clone(),
             system_namespace: self.system_namespace.clone(),
         }

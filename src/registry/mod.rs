@@ -7,11 +7,13 @@
 
 pub mod istio;
 pub mod model;
+pub mod network;
 pub mod store;
 // --- sources of the service model (Kubernetes per cluster, --config-dir files) ---
 pub mod convert;
 pub mod debug;
 pub mod file_source;
+pub mod gateway_dns;
 pub mod kube_source;
 // --- end sources ---
 

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use super::istio::IstioConfig;
 use super::model::{Endpoint, Service, ServiceKey, ServicePort, service_accounts};
+use super::network::{MeshNetworks, NetworkIndex, ResolvedHost};
 
 /// A service as one cluster defines it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub struct ShardService {
     pub ports: Vec<ServicePort>,
     pub labels: BTreeMap<String, String>,
     pub cluster_ips: Vec<std::net::IpAddr>,
+    /// LoadBalancer ingress IPs or hostnames, then `externalIPs`: a network gateway's addresses.
+    pub external_addresses: Vec<String>,
 }
 
 /// Everything one cluster contributes.
@@ -76,6 +79,8 @@ pub struct Snapshot {
     /// Hostname → endpoints from every cluster, in a stable order.
     pub endpoints: BTreeMap<String, Arc<Vec<Endpoint>>>,
     pub config: Arc<IstioConfig>,
+    /// Networks and their gateways.
+    pub networks: Arc<NetworkIndex>,
 }
 
 impl Snapshot {
@@ -92,10 +97,21 @@ impl Snapshot {
 struct Inner {
     shards: BTreeMap<String, ClusterShard>,
     config: Arc<IstioConfig>,
+    networks: NetworkInputs,
     pending: Change,
     version: u64,
     dirty: bool,
     counts: ChangeCounts,
+}
+
+/// What endpoints' networks and the gateways are computed from, besides the shards.
+#[derive(Default)]
+struct NetworkInputs {
+    mesh_networks: MeshNetworks,
+    /// Cluster → network of its endpoints that nothing else names (`--network` for the primary).
+    defaults: BTreeMap<String, String>,
+    /// Gateway hostname → what meshd's lookup found.
+    resolved: BTreeMap<String, ResolvedHost>,
 }
 
 /// How many writes changed something, by kind, since the store was created (for tests and
@@ -113,6 +129,8 @@ pub struct MeshStore {
     inner: Mutex<Inner>,
     current: ArcSwap<Snapshot>,
     notify: Notify,
+    /// Gateway hostnames of the latest snapshot, for the resolver.
+    hostnames: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for MeshStore {
@@ -129,6 +147,7 @@ impl Default for MeshStore {
             inner: Mutex::default(),
             current: ArcSwap::from_pointee(Snapshot::default()),
             notify: Notify::new(),
+            hostnames: tokio::sync::watch::Sender::new(BTreeSet::new()),
         }
     }
 }
@@ -218,6 +237,51 @@ impl MeshStore {
         self.record(&mut inner, Change::full("config"));
     }
 
+    /// Sets meshNetworks (from mesh config): endpoint networks and gateways change, a full push.
+    pub fn set_mesh_networks(&self, mesh_networks: MeshNetworks) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.networks.mesh_networks == mesh_networks {
+            return;
+        }
+        inner.networks.mesh_networks = mesh_networks;
+        self.record(&mut inner, Change::full("networks"));
+    }
+
+    /// The network of `cluster`'s endpoints that no label or meshNetworks names (empty: none).
+    pub fn set_default_network(&self, cluster: &str, network: &str) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let old = if network.is_empty() {
+            inner.networks.defaults.remove(cluster)
+        } else {
+            inner.networks.defaults.insert(cluster.into(), network.into())
+        };
+        if old.as_deref().unwrap_or_default() != network {
+            self.record(&mut inner, Change::full("networks"));
+        }
+    }
+
+    /// Records what a gateway hostname resolved to; a change of addresses is a full push
+    /// (istiod's forced push on gateway changes).
+    pub fn set_resolved_host(&self, host: &str, resolved: ResolvedHost) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let old = inner.networks.resolved.insert(host.into(), resolved.clone());
+        if old.as_ref() == Some(&resolved) {
+            return;
+        }
+        let addrs_changed = old.map(|o| o.addrs).unwrap_or_default() != resolved.addrs;
+        if addrs_changed {
+            self.record(&mut inner, Change::full("network-gateway"));
+        } else {
+            // Only the error text changed: the next snapshot shows it in /debug/networkz.
+            inner.dirty = true;
+        }
+    }
+
+    /// Gateway hostnames to resolve, updated with every snapshot.
+    pub fn gateway_hostnames(&self) -> tokio::sync::watch::Receiver<BTreeSet<String>> {
+        self.hostnames.subscribe()
+    }
+
     /// Counts of the changes recorded so far (never reset; unaffected by `take_changes`).
     pub fn change_counts(&self) -> ChangeCounts {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).counts
@@ -246,7 +310,21 @@ impl MeshStore {
         if inner.dirty {
             inner.version += 1;
             inner.dirty = false;
-            let snap = Arc::new(merge(&inner.shards, Arc::clone(&inner.config), inner.version));
+            let snap = Arc::new(merge(
+                &inner.shards,
+                Arc::clone(&inner.config),
+                &inner.networks,
+                inner.version,
+            ));
+            log_gateway_problems(&self.current.load().networks, &snap.networks);
+            let hosts = &snap.networks.hostnames;
+            self.hostnames.send_if_modified(|h| {
+                let changed = h != hosts;
+                if changed {
+                    h.clone_from(hosts);
+                }
+                changed
+            });
             self.current.store(Arc::clone(&snap));
             return snap;
         }
@@ -296,7 +374,38 @@ fn diff(old: &ClusterShard, new: &ClusterShard) -> Change {
     change
 }
 
-fn merge(shards: &BTreeMap<String, ClusterShard>, config: Arc<IstioConfig>, version: u64) -> Snapshot {
+/// One log line per gateway that newly cannot be used (no address, no port, unresolved).
+fn log_gateway_problems(old: &NetworkIndex, new: &NetworkIndex) {
+    for s in &new.statuses {
+        let Some(problem) = &s.problem else { continue };
+        let seen = old
+            .statuses
+            .iter()
+            .any(|o| o.source == s.source && o.address == s.address && o.problem.as_ref() == Some(problem));
+        if !seen {
+            tracing::warn!(network = %s.network, cluster = %s.cluster, source = %s.source, address = %s.address, problem = %problem, "network gateway skipped");
+        }
+    }
+}
+
+/// The network of an endpoint no label names: meshNetworks, else its cluster's default.
+fn fill_network(e: &mut Endpoint, n: &NetworkInputs) {
+    if !e.network.is_empty() {
+        return;
+    }
+    if let Some(net) = n.mesh_networks.network_for(&e.cluster_id, &e.address) {
+        e.network = net.to_string();
+    } else if let Some(net) = n.defaults.get(&e.cluster_id) {
+        e.network.clone_from(net);
+    }
+}
+
+fn merge(
+    shards: &BTreeMap<String, ClusterShard>,
+    config: Arc<IstioConfig>,
+    networks: &NetworkInputs,
+    version: u64,
+) -> Snapshot {
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
     for (cluster, shard) in shards {
         for (key, s) in &shard.services {
@@ -317,9 +426,15 @@ fn merge(shards: &BTreeMap<String, ClusterShard>, config: Arc<IstioConfig>, vers
         }
     }
     let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+    let fill = !networks.mesh_networks.is_empty() || !networks.defaults.is_empty();
     for shard in shards.values() {
         for (key, eps) in &shard.endpoints {
-            endpoints.entry(key.hostname()).or_default().extend(eps.iter().cloned());
+            let out = endpoints.entry(key.hostname()).or_default();
+            let start = out.len();
+            out.extend(eps.iter().cloned());
+            if fill {
+                out[start..].iter_mut().for_each(|e| fill_network(e, networks));
+            }
         }
     }
     for svc in services.values_mut() {
@@ -336,6 +451,7 @@ fn merge(shards: &BTreeMap<String, ClusterShard>, config: Arc<IstioConfig>, vers
             })
             .collect(),
         config,
+        networks: Arc::new(NetworkIndex::build(shards, &networks.mesh_networks, &networks.resolved)),
     }
 }
 

@@ -30,6 +30,9 @@ pub struct ProxyInfo {
     pub service_account: Option<String>,
     pub cluster_id: String,
     pub network: String,
+    /// `REQUESTED_NETWORK_VIEW`: the only networks whose endpoints the proxy sees (besides
+    /// endpoints without a network); `None` sees every network.
+    pub requested_network_view: Option<Vec<String>>,
     pub labels: BTreeMap<String, String>,
     pub generator: Option<String>,
 }
@@ -62,6 +65,19 @@ fn field(md: Option<&Struct>, key: &str) -> Option<String> {
     md.and_then(|m| m.fields.get(key))
         .and_then(string)
         .filter(|s| !s.is_empty())
+}
+
+/// A string list in node metadata: Istio's `StringList` is a comma-separated string; a JSON list
+/// is accepted too.
+fn string_list(md: Option<&Struct>, key: &str) -> Option<Vec<String>> {
+    let v = md?.fields.get(key)?;
+    let items: Vec<String> = match &v.kind {
+        Some(Kind::StringValue(s)) => s.split(',').map(|p| p.trim().to_string()).collect(),
+        Some(Kind::ListValue(l)) => l.values.iter().filter_map(string).collect(),
+        _ => return None,
+    };
+    let items: Vec<String> = items.into_iter().filter(|s| !s.is_empty()).collect();
+    (!items.is_empty()).then_some(items)
 }
 
 /// Parses the node of a first request.
@@ -110,6 +126,7 @@ pub fn parse(node: Option<&Node>) -> Result<ProxyInfo, NodeError> {
         service_account: field(md, "SERVICE_ACCOUNT"),
         cluster_id: field(md, "CLUSTER_ID").unwrap_or_default(),
         network: field(md, "NETWORK").unwrap_or_default(),
+        requested_network_view: string_list(md, "REQUESTED_NETWORK_VIEW"),
         labels,
         generator: field(md, "GENERATOR"),
     })

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::generators::eds;
+use super::generators::split_horizon::EdsView;
 use super::generators::router::{NoSecrets, SecretSource};
 use super::interned::Name;
 use super::resource::{Resource, ResourceSet};
@@ -42,15 +43,23 @@ pub struct PushContext {
     pub secrets: Arc<dyn SecretSource>,
     /// (type, class key) → resources, generated on first use.
     cache: Mutex<HashMap<(&'static str, String), Arc<ResourceSet>>>,
-    /// Hostname → its EDS resources; carried over from the previous context for unchanged hosts.
-    eds_by_host: Mutex<BTreeMap<String, Arc<Vec<Arc<Resource>>>>>,
-    eds_all: OnceLock<Arc<ResourceSet>>,
+    /// EDS per network view in use (one in a single-network mesh), carried over from the
+    /// previous context for unchanged hosts.
+    eds_views: Mutex<HashMap<EdsView, Arc<ViewEds>>>,
     /// EDS cluster names of the hosts this context's change touched, computed once and read by
     /// every connection's endpoint push.
     changed_eds: OnceLock<Arc<Vec<Name>>>,
     /// Endpoints by address, for sidecars' inbound side: every sidecar asked for its own, which
     /// walked all endpoints of the mesh per proxy per full push.
     by_address: OnceLock<HashMap<std::net::IpAddr, Vec<InboundEndpoint>>>,
+}
+
+/// The EDS of one network view.
+#[derive(Default)]
+struct ViewEds {
+    /// Hostname → its EDS resources.
+    by_host: Mutex<BTreeMap<String, Arc<Vec<Arc<Resource>>>>>,
+    all: OnceLock<Arc<ResourceSet>>,
 }
 
 /// An endpoint as the inbound side of the proxy at its address sees it.
@@ -84,8 +93,7 @@ impl PushContext {
             change: Change::default(),
             secrets: Arc::new(NoSecrets),
             cache: Mutex::default(),
-            eds_by_host: Mutex::default(),
-            eds_all: OnceLock::new(),
+            eds_views: Mutex::default(),
             changed_eds: OnceLock::new(),
             by_address: OnceLock::new(),
         }
@@ -97,9 +105,19 @@ impl PushContext {
         if !change.full {
             *next.cache.lock().unwrap_or_else(|e| e.into_inner()) =
                 prev.cache.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let mut eds = prev.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            eds.retain(|host, _| !change.endpoint_hosts.contains(host));
-            *next.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()) = eds;
+            let prev_views = prev.eds_views.lock().unwrap_or_else(|e| e.into_inner());
+            let mut views = next.eds_views.lock().unwrap_or_else(|e| e.into_inner());
+            for (view, eds) in prev_views.iter() {
+                let mut by_host = eds.by_host.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                by_host.retain(|host, _| !change.endpoint_hosts.contains(host));
+                views.insert(
+                    view.clone(),
+                    Arc::new(ViewEds {
+                        by_host: Mutex::new(by_host),
+                        all: OnceLock::new(),
+                    }),
+                );
+            }
         }
         Self {
             change,
@@ -131,13 +149,21 @@ impl PushContext {
         )
     }
 
-    fn host_eds(&self, host: &str) -> Arc<Vec<Arc<Resource>>> {
-        if let Some(v) = self.eds_by_host.lock().unwrap_or_else(|e| e.into_inner()).get(host) {
+    fn view_eds(&self, view: &EdsView) -> Arc<ViewEds> {
+        let mut views = self.eds_views.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = views.get(view) {
             return Arc::clone(v);
         }
-        let v = Arc::new(eds::host_resources(self, host));
+        Arc::clone(views.entry(view.clone()).or_default())
+    }
+
+    fn host_eds(&self, view: &EdsView, eds: &ViewEds, host: &str) -> Arc<Vec<Arc<Resource>>> {
+        if let Some(v) = eds.by_host.lock().unwrap_or_else(|e| e.into_inner()).get(host) {
+            return Arc::clone(v);
+        }
+        let v = Arc::new(eds::host_resources(self, view, host));
         Arc::clone(
-            self.eds_by_host
+            eds.by_host
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(host.to_string())
@@ -145,17 +171,24 @@ impl PushContext {
         )
     }
 
-    /// Every ClusterLoadAssignment of this context, by cluster name.
-    pub fn endpoints(&self) -> Arc<ResourceSet> {
-        Arc::clone(self.eds_all.get_or_init(|| {
+    /// Every ClusterLoadAssignment of this context as `view` sees it, by cluster name: encoded
+    /// once per view and shared by every proxy with that view.
+    pub fn endpoints_for(&self, view: &EdsView) -> Arc<ResourceSet> {
+        let eds = self.view_eds(view);
+        Arc::clone(eds.all.get_or_init(|| {
             let mut all = ResourceSet::new();
             for host in self.snapshot.services.keys() {
-                for r in self.host_eds(host).iter() {
+                for r in self.host_eds(view, &eds, host).iter() {
                     all.insert(r.name.to_string(), Arc::clone(r));
                 }
             }
             Arc::new(all)
         }))
+    }
+
+    /// Network views whose EDS this context has built (one per network and requested view).
+    pub fn eds_view_count(&self) -> usize {
+        self.eds_views.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// The endpoints at `ip`, in host order.
@@ -189,7 +222,8 @@ impl PushContext {
     fn collect_eds_names(&self, hosts: &std::collections::BTreeSet<String>) -> Vec<Name> {
         let mut names: Vec<Name> = hosts
             .iter()
-            .flat_map(|h| self.host_eds(h).iter().map(|r| Arc::clone(&r.name)).collect::<Vec<_>>())
+            .flat_map(|h| eds::cluster_names(self, h))
+            .map(|n| super::interned::lookup(&n))
             .collect();
         names.sort_unstable();
         names.dedup();
@@ -264,16 +298,52 @@ mod tests {
         let own: BTreeSet<String> = [OTHER.to_string()].into();
         let a = ctx.eds_names_of(&own);
         assert!(Arc::ptr_eq(&a, &ctx.eds_names_of(&own)));
-        assert_eq!(names(&a), ["outbound|7070||echo.other.svc.cluster.local"]);
-
-        // A connection that coalesced an earlier push for ECHO gets ECHO's clusters too.
-        let coalesced: BTreeSet<String> = [ECHO.to_string(), OTHER.to_string()].into();
+        // Both name forms: a gateway's SNI-DNAT clusters follow the same endpoints.
         assert_eq!(
-            names(&ctx.eds_names_of(&coalesced)),
+            names(&a),
             [
-                "outbound|7070||echo.default.svc.cluster.local",
+                "outbound_.7070_._.echo.other.svc.cluster.local",
                 "outbound|7070||echo.other.svc.cluster.local"
             ]
         );
+
+        // A connection that coalesced an earlier push for ECHO gets ECHO's clusters too.
+        let coalesced: BTreeSet<String> = [ECHO.to_string(), OTHER.to_string()].into();
+        let got = names(&ctx.eds_names_of(&coalesced));
+        assert_eq!(got.len(), 4);
+        assert!(got.contains(&"outbound|7070||echo.default.svc.cluster.local".to_string()));
+        assert!(got.contains(&"outbound|7070||echo.other.svc.cluster.local".to_string()));
+    }
+
+    #[test]
+    fn eds_is_built_once_per_network_view_and_unchanged_hosts_carry_over() {
+        use crate::xds::generators::split_horizon::EdsView;
+        let first = crate::xds::generators::grpc::tests::push();
+        let flat = EdsView::default();
+        let narrowed = EdsView {
+            visible: Some(vec!["network9".into()]),
+            ..Default::default()
+        };
+        let a = first.endpoints_for(&flat);
+        assert!(Arc::ptr_eq(&a, &first.endpoints_for(&flat)), "shared within a view");
+        let b = first.endpoints_for(&narrowed);
+        assert_eq!(first.eds_view_count(), 2);
+        assert_eq!(a.len(), b.len(), "same names in every view");
+        let name = "outbound|7070||echo.default.svc.cluster.local";
+        assert!(!Arc::ptr_eq(&a[name], &b[name]), "built per view");
+        assert_eq!(a[name].version, b[name].version, "endpoints without a network are seen by every view");
+        // An endpoint-only change rebuilds that host only, in every view.
+        let change = Change {
+            endpoint_hosts: [OTHER.to_string()].into(),
+            ..Default::default()
+        };
+        let ctx = PushContext::next(&first, Arc::clone(&first.snapshot), change);
+        for view in [&flat, &narrowed] {
+            let (old, new) = (first.endpoints_for(view), ctx.endpoints_for(view));
+            let kept = "outbound|7070||echo.default.svc.cluster.local";
+            assert!(Arc::ptr_eq(&old[kept], &new[kept]), "unchanged host carried over");
+            let rebuilt = "outbound|7070||echo.other.svc.cluster.local";
+            assert!(!Arc::ptr_eq(&old[rebuilt], &new[rebuilt]), "changed host rebuilt");
+        }
     }
 }

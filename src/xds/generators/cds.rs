@@ -105,6 +105,24 @@ fn service_clusters(push: &PushContext, svc: &Service, out: &mut ResourceSet, tl
     }
 }
 
+/// An east-west gateway's SNI-DNAT clusters of `svc`: `outbound_.port_.subset_.host` for every
+/// port and DestinationRule subset, EDS, and no TLS of their own (the client's mTLS passes
+/// through; istiod's `SniDnatClusterMode` skips upstream TLS).
+pub fn sni_dnat_clusters(push: &PushContext, svc: &Service, out: &mut ResourceSet) {
+    let dr = destination_rule(push, &svc.hostname);
+    for port in &svc.ports {
+        let mut subsets = vec![String::new()];
+        if let Some(dr) = dr {
+            subsets.extend(dr.spec.subsets.iter().map(|s| s.name.clone()));
+        }
+        for subset in subsets {
+            let name = names::sni_dnat(port.port, &subset, &svc.hostname);
+            let c = eds_cluster(name.clone(), false);
+            out.insert(name.clone(), Arc::new(Resource::new(&name, types::CLUSTER, &c)));
+        }
+    }
+}
+
 pub fn generate(push: &PushContext, proxy: &ProxyInfo) -> ResourceSet {
     let mut out = ResourceSet::new();
     for svc in push.snapshot.services.values() {

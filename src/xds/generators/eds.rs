@@ -1,98 +1,197 @@
 //! EDS: one ClusterLoadAssignment per `outbound|port|subset|host` cluster, endpoints grouped by
-//! locality. Built per host so an endpoint-only change rebuilds only the changed hosts.
+//! locality, as one [`EdsView`] sees them (split horizon, `split_horizon.rs`). Built per host and
+//! view, so an endpoint-only change rebuilds only the changed hosts, once per view in use.
+//! Gateways also get the SNI-DNAT assignments `outbound_.port_.subset_.host` of their
+//! AUTO_PASSTHROUGH clusters: the same endpoints, mTLS-capable ones only.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{Address, Locality, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, Locality, Metadata, SocketAddress, address, socket_address,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value};
 
+use super::split_horizon::{self, EdsView, Target};
 use super::{cds, names};
+use crate::registry::istio::DestinationRuleSpec;
 use crate::registry::model::{self, Service};
+use crate::registry::network::{NetworkGateway, NetworkIndex};
 use crate::xds::push::PushContext;
 use crate::xds::resource::Resource;
 use crate::xds::types;
 
-fn lb_endpoint(e: &model::Endpoint) -> LbEndpoint {
-    LbEndpoint {
-        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-            address: Some(Address {
-                address: Some(address::Address::SocketAddress(SocketAddress {
-                    address: e.address.to_string(),
-                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(e.port))),
-                    ..Default::default()
-                })),
-            }),
+fn socket_address(ip: &std::net::IpAddr, port: u16) -> Option<Address> {
+    Some(Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
             ..Default::default()
         })),
-        load_balancing_weight: Some(UInt32Value { value: 1 }),
+    })
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(value::Kind::StringValue(s.to_string())),
+    }
+}
+
+fn fields(pairs: &[(&str, Value)]) -> Value {
+    Value {
+        kind: Some(value::Kind::StructValue(Struct {
+            fields: pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        })),
+    }
+}
+
+/// A gateway standing in for a remote network's endpoints: `tlsMode: istio` (the client must
+/// originate mesh mTLS, which the gateway passes through) and istiod's telemetry label with only
+/// the cluster known.
+fn gateway_metadata(g: &NetworkGateway) -> Metadata {
+    let tls = fields(&[("tlsMode", string_value("istio"))]);
+    let istio = fields(&[("workload", string_value(&format!(";;;;{}", g.cluster)))]);
+    let mut filter_metadata = std::collections::HashMap::new();
+    for (k, v) in [("envoy.transport_socket_match", tls), ("istio", istio)] {
+        if let Some(value::Kind::StructValue(s)) = v.kind {
+            filter_metadata.insert(k.to_string(), s);
+        }
+    }
+    Metadata {
+        filter_metadata,
         ..Default::default()
     }
 }
 
-/// The ClusterLoadAssignment of one cluster name.
-pub fn assignment(
-    name: &str,
-    svc: &Service,
-    endpoints: &[model::Endpoint],
-    subset_labels: Option<&BTreeMap<String, String>>,
-    port: u16,
-) -> ClusterLoadAssignment {
-    let port_name = svc.port(port).map(|p| p.name.as_str()).unwrap_or_default();
-    let mut by_locality: BTreeMap<&model::Locality, Vec<LbEndpoint>> = BTreeMap::new();
-    for e in endpoints {
+fn lb_endpoint(w: &split_horizon::Weighted<'_>) -> LbEndpoint {
+    let (address, metadata) = match &w.target {
+        Target::Pod(e) => (socket_address(&e.address, e.port), None),
+        Target::Gateway(g) => (socket_address(&g.addr, g.port), Some(gateway_metadata(g))),
+    };
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address,
+            ..Default::default()
+        })),
+        load_balancing_weight: Some(UInt32Value { value: w.weight }),
+        metadata,
+        ..Default::default()
+    }
+}
+
+/// One cluster's assignment: which endpoints, how they are filtered, for whom.
+pub struct AssignmentInput<'a> {
+    pub name: &'a str,
+    pub svc: &'a Service,
+    pub endpoints: &'a [model::Endpoint],
+    pub port: u16,
+    /// The DestinationRule subset (empty: the whole service).
+    pub subset: &'a str,
+    pub subset_labels: Option<&'a BTreeMap<String, String>>,
+    pub dr: Option<&'a DestinationRuleSpec>,
+    /// SNI-DNAT clusters of a gateway carry only endpoints that terminate Istio mTLS.
+    pub mtls_only: bool,
+}
+
+/// The ClusterLoadAssignment of one cluster name as `view` sees it.
+pub fn assignment(input: &AssignmentInput<'_>, view: &EdsView, networks: &NetworkIndex) -> ClusterLoadAssignment {
+    let port_name = input.svc.port(input.port).map(|p| p.name.as_str()).unwrap_or_default();
+    let mut by_locality: BTreeMap<&model::Locality, Vec<&model::Endpoint>> = BTreeMap::new();
+    for e in input.endpoints {
         if !e.ready || e.service_port_name != port_name {
             continue;
         }
-        if let Some(sel) = subset_labels
+        if let Some(sel) = input.subset_labels
             && !e.matches(sel)
         {
             continue;
         }
-        by_locality.entry(&e.locality).or_default().push(lb_endpoint(e));
+        by_locality.entry(&e.locality).or_default().push(e);
     }
-    ClusterLoadAssignment {
-        cluster_name: name.to_string(),
-        endpoints: by_locality
-            .into_iter()
-            .map(|(loc, eps)| LocalityLbEndpoints {
+    let mtls = |e: &model::Endpoint| split_horizon::mtls_enabled(e, input.dr, input.subset);
+    let endpoints = by_locality
+        .into_iter()
+        .filter_map(|(loc, bucket)| {
+            let kept = split_horizon::filter(&bucket, view, networks, &mtls, input.mtls_only);
+            if kept.is_empty() {
+                return None;
+            }
+            let weight = kept.iter().fold(0u32, |acc, w| acc.saturating_add(w.weight));
+            Some(LocalityLbEndpoints {
                 locality: Some(Locality {
                     region: loc.region.clone(),
                     zone: loc.zone.clone(),
                     sub_zone: loc.subzone.clone(),
                 }),
-                load_balancing_weight: Some(UInt32Value {
-                    value: eps.len() as u32,
-                }),
-                lb_endpoints: eps,
+                load_balancing_weight: Some(UInt32Value { value: weight }),
+                lb_endpoints: kept.iter().map(lb_endpoint).collect(),
                 ..Default::default()
             })
-            .collect(),
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: input.name.to_string(),
+        endpoints,
         ..Default::default()
     }
 }
 
-/// Every EDS resource of one host (all ports, all subsets).
-pub fn host_resources(push: &PushContext, host: &str) -> Vec<Arc<Resource>> {
+/// The subsets of a host's DestinationRule, the whole service (`""`) first.
+fn subsets(dr: Option<&DestinationRuleSpec>) -> Vec<(&str, Option<&BTreeMap<String, String>>)> {
+    let mut out = vec![("", None)];
+    for s in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
+        out.push((s.name.as_str(), Some(&s.labels)));
+    }
+    out
+}
+
+/// Every EDS cluster name of one host, in both forms (a gateway's SNI-DNAT names too).
+pub fn cluster_names(push: &PushContext, host: &str) -> Vec<String> {
+    let Some(svc) = push.snapshot.service(host) else {
+        return Vec::new();
+    };
+    let dr = cds::destination_rule(push, host).map(|d| &d.spec);
+    let mut out = Vec::new();
+    for port in &svc.ports {
+        for (subset, _) in subsets(dr) {
+            out.push(names::outbound(port.port, subset, host));
+            out.push(names::sni_dnat(port.port, subset, host));
+        }
+    }
+    out
+}
+
+/// Every EDS resource of one host (all ports, all subsets) as `view` sees it.
+pub fn host_resources(push: &PushContext, view: &EdsView, host: &str) -> Vec<Arc<Resource>> {
     let Some(svc) = push.snapshot.service(host) else {
         return Vec::new();
     };
     let endpoints = push.snapshot.endpoints(host);
-    let dr = cds::destination_rule(push, host);
+    let networks = &push.snapshot.networks;
+    let dr = cds::destination_rule(push, host).map(|d| &d.spec);
     let mut out = Vec::new();
     for port in &svc.ports {
-        let name = names::outbound(port.port, "", host);
-        out.push(Arc::new(Resource::new(
-            &name,
-            types::ENDPOINT,
-            &assignment(&name, svc, endpoints, None, port.port),
-        )));
-        for subset in dr.map(|d| d.spec.subsets.as_slice()).unwrap_or_default() {
-            let name = names::outbound(port.port, &subset.name, host);
-            let cla = assignment(&name, svc, endpoints, Some(&subset.labels), port.port);
-            out.push(Arc::new(Resource::new(&name, types::ENDPOINT, &cla)));
+        for (subset, subset_labels) in subsets(dr) {
+            let mut forms = vec![(names::outbound(port.port, subset, host), false)];
+            if view.sni_dnat {
+                forms.push((names::sni_dnat(port.port, subset, host), true));
+            }
+            for (name, mtls_only) in forms {
+                let input = AssignmentInput {
+                    name: &name,
+                    svc,
+                    endpoints,
+                    port: port.port,
+                    subset,
+                    subset_labels,
+                    dr,
+                    mtls_only,
+                };
+                let cla = assignment(&input, view, networks);
+                out.push(Arc::new(Resource::new(&name, types::ENDPOINT, &cla)));
+            }
         }
     }
     out

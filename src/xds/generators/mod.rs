@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod names;
 pub mod router;
 pub mod sidecar;
+pub mod split_horizon;
 pub mod upstream_tls;
 
 use std::sync::Arc;
@@ -25,8 +26,9 @@ pub fn generate(push: &PushContext, proxy: &ProxyInfo, type_url: &str) -> Arc<Re
         types::LISTENER | types::ROUTE | types::SECRET if proxy.kind == super::node::ProxyKind::Router => {
             router::generate(push, proxy, type_url)
         }
+        types::CLUSTER if proxy.kind == super::node::ProxyKind::Router => router::clusters(push, proxy),
         types::CLUSTER => push.cached(type_url, cds::class_key(proxy), || cds::generate(push, proxy)),
-        types::ENDPOINT => push.endpoints(),
+        types::ENDPOINT => push.endpoints_for(&split_horizon::EdsView::of(proxy, &push.snapshot.networks)),
         _ => Arc::new(ResourceSet::new()),
     }
 }

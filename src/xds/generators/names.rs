@@ -5,6 +5,12 @@ pub fn outbound(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 
+/// Istio's mTLS SNI and a gateway's SNI-DNAT cluster name: `outbound_.port_.subset_.host`
+/// (`model.BuildDNSSrvSubsetKey`).
+pub fn sni_dnat(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound_.{port}_.{subset}_.{host}")
+}
+
 /// Splits an `outbound|port|subset|host` name.
 pub fn parse_outbound(name: &str) -> Option<(u16, &str, &str)> {
     let mut parts = name.splitn(4, '|');
@@ -42,6 +48,10 @@ mod tests {
         assert_eq!(n, "outbound|8080|v1|echo.default.svc.cluster.local");
         assert_eq!(parse_outbound(&n), Some((8080, "v1", "echo.default.svc.cluster.local")));
         assert_eq!(parse_outbound("inbound|80||x"), None);
+        assert_eq!(
+            sni_dnat(5000, "", "helloworld.sample.svc.cluster.local"),
+            "outbound_.5000_._.helloworld.sample.svc.cluster.local"
+        );
     }
 
     #[test]

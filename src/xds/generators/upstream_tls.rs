@@ -133,7 +133,7 @@ pub fn transport_socket(
                     .sni
                     .clone()
                     .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| format!("outbound_.{port}_.{subset}_.{}", svc.hostname)),
+                    .unwrap_or_else(|| super::names::sni_dnat(port, subset, &svc.hostname)),
                 common_tls_context: Some(CommonTlsContext {
                     tls_certificate_sds_secret_configs: vec![sds(WORKLOAD_CERT)],
                     validation_context_type: Some(

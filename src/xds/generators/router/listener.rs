@@ -174,7 +174,11 @@ struct SniChains {
 }
 
 impl SniChains {
-    fn add(&mut self, names: Vec<String>, mut chain: FilterChain) {
+    fn add(&mut self, names: Vec<String>, chain: FilterChain) {
+        self.add_with_alpn(names, &[], chain)
+    }
+
+    fn add_with_alpn(&mut self, names: Vec<String>, alpn: &[&str], mut chain: FilterChain) {
         let catch_all = names.is_empty() || names.iter().any(|n| n == "*");
         if catch_all {
             if self.catch_all {
@@ -189,6 +193,7 @@ impl SniChains {
             }
             chain.filter_chain_match = Some(FilterChainMatch {
                 server_names: fresh,
+                application_protocols: alpn.iter().map(|a| a.to_string()).collect(),
                 ..Default::default()
             });
         }
@@ -202,6 +207,7 @@ fn tls_listener(push: &PushContext, model: &GatewayModel<'_>, ps: &PortServers<'
         match s.kind {
             ServerKind::HttpsTerminate => https_chain(s, &mut sni),
             ServerKind::Passthrough => passthrough_chains(push, model, s, &mut sni),
+            ServerKind::AutoPassthrough => auto_passthrough_chains(push, s, &mut sni),
             _ => {}
         }
     }
@@ -258,6 +264,44 @@ fn passthrough_chains(push: &PushContext, model: &GatewayModel<'_>, s: &Server<'
     }
 }
 
+/// ALPN values of Istio mTLS (istiod's `allIstioMtlsALPNs`): together with the mTLS-only EDS of
+/// the SNI-DNAT clusters, only Istio mTLS clients get through an AUTO_PASSTHROUGH port.
+pub const ISTIO_MTLS_ALPNS: [&str; 5] = ["istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2"];
+
+/// An AUTO_PASSTHROUGH server: one chain per service port and DestinationRule subset its hosts
+/// cover, matching the SNI `outbound_.port_.subset_.host` a sidecar sends and proxying the still
+/// encrypted bytes to the SNI-DNAT cluster of the same name. No authorization here, as in
+/// istiod: the backend's sidecar checks the client's certificate.
+fn auto_passthrough_chains(push: &PushContext, s: &Server<'_>, sni: &mut SniChains) {
+    for svc in push.snapshot.services.values() {
+        if !s.hosts.iter().any(|h| h.covers_service(svc)) {
+            continue;
+        }
+        let dr = crate::xds::generators::cds::destination_rule(push, &svc.hostname);
+        let mut subsets = vec![""];
+        subsets.extend(dr.iter().flat_map(|d| d.spec.subsets.iter().map(|s| s.name.as_str())));
+        for port in &svc.ports {
+            for subset in &subsets {
+                let name = crate::xds::generators::names::sni_dnat(port.port, subset, &svc.hostname);
+                let p = TcpProxy {
+                    stat_prefix: name.clone(),
+                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(name.clone())),
+                    ..Default::default()
+                };
+                let chain = FilterChain {
+                    name: name.clone(),
+                    filters: vec![Filter {
+                        name: "envoy.filters.network.tcp_proxy".into(),
+                        config_type: Some(filter::ConfigType::TypedConfig(any(TCP_PROXY_TYPE, &p))),
+                    }],
+                    ..Default::default()
+                };
+                sni.add_with_alpn(vec![name], &ISTIO_MTLS_ALPNS, chain);
+            }
+        }
+    }
+}
+
 fn tcp_listener(push: &PushContext, model: &GatewayModel<'_>, ps: &PortServers<'_>) -> Option<Listener> {
     for s in &ps.servers {
         for vs in model.bound(s) {
@@ -305,7 +349,9 @@ pub fn generate(push: &PushContext, model: &GatewayModel<'_>) -> ResourceSet {
                     false,
                 ))
             }
-            ServerKind::HttpsTerminate | ServerKind::Passthrough => tls_listener(push, model, ps),
+            ServerKind::HttpsTerminate | ServerKind::Passthrough | ServerKind::AutoPassthrough => {
+                tls_listener(push, model, ps)
+            }
             ServerKind::Tcp => tcp_listener(push, model, ps),
         };
         if let Some(l) = l {

@@ -36,6 +36,28 @@ pub fn class_key(proxy: &ProxyInfo) -> String {
     format!("router|{}|{}|{}", proxy.cluster_id, proxy.namespace, labels.join(","))
 }
 
+/// A gateway's CDS: every proxy's outbound clusters, plus, for an east-west gateway
+/// (AUTO_PASSTHROUGH servers), one plaintext SNI-DNAT cluster per service port and subset its
+/// servers cover, named like the SNI it forwards (`outbound_.port_.subset_.host`).
+pub fn clusters(push: &PushContext, proxy: &ProxyInfo) -> Arc<ResourceSet> {
+    let base_key = super::cds::class_key(proxy);
+    let base = push.cached(types::CLUSTER, base_key.clone(), || super::cds::generate(push, proxy));
+    let hosts = GatewayModel::build(push, proxy).auto_passthrough_hosts();
+    if hosts.is_empty() {
+        return base;
+    }
+    let sig: Vec<String> = hosts.iter().map(|h| format!("{}/{}", h.namespace, h.host)).collect();
+    push.cached(types::CLUSTER, format!("{base_key}|sni-dnat|{}", sig.join(",")), || {
+        let mut out = (*base).clone();
+        for svc in push.snapshot.services.values() {
+            if hosts.iter().any(|h| h.covers_service(svc)) {
+                super::cds::sni_dnat_clusters(push, svc, &mut out);
+            }
+        }
+        out
+    })
+}
+
 /// LDS, RDS and SDS for a gateway; other types are not generated here.
 pub fn generate(push: &PushContext, proxy: &ProxyInfo, type_url: &str) -> Arc<ResourceSet> {
     let key = class_key(proxy);
@@ -62,6 +84,9 @@ pub enum ServerKind {
     HttpsTerminate,
     /// TLS forwarded untouched, picked by SNI from `tls` routes.
     Passthrough,
+    /// An east-west gateway's mesh port: Istio mTLS forwarded untouched to the cluster its SNI
+    /// `outbound_.port_.subset_.host` names (`tls.mode: AUTO_PASSTHROUGH`).
+    AutoPassthrough,
     /// Opaque TCP, `tcp` routes.
     Tcp,
 }
@@ -71,7 +96,7 @@ impl ServerKind {
     fn port_class(self) -> u8 {
         match self {
             ServerKind::Http => 0,
-            ServerKind::HttpsTerminate | ServerKind::Passthrough => 1,
+            ServerKind::HttpsTerminate | ServerKind::Passthrough | ServerKind::AutoPassthrough => 1,
             ServerKind::Tcp => 2,
         }
     }
@@ -105,6 +130,12 @@ impl ServerHost {
 
     fn admits(&self, vs_namespace: &str) -> bool {
         self.namespace == "*" || self.namespace == vs_namespace
+    }
+
+    /// Whether an AUTO_PASSTHROUGH server with this host forwards to `svc` (`*.local` covers
+    /// every `*.svc.cluster.local` service).
+    pub fn covers_service(&self, svc: &crate::registry::Service) -> bool {
+        self.admits(&svc.key.namespace) && wildcard_matches(&self.host, &svc.hostname)
     }
 }
 
@@ -235,12 +266,14 @@ fn server_kind(s: &GatewayServer) -> Option<ServerKind> {
     match s.port.protocol.to_ascii_uppercase().as_str() {
         "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => Some(ServerKind::Http),
         "HTTPS" => match mode.as_deref() {
-            Some("PASSTHROUGH" | "AUTO_PASSTHROUGH") => Some(ServerKind::Passthrough),
+            Some("PASSTHROUGH") => Some(ServerKind::Passthrough),
+            Some("AUTO_PASSTHROUGH") => Some(ServerKind::AutoPassthrough),
             Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL") | None if s.tls.is_some() => Some(ServerKind::HttpsTerminate),
             _ => None,
         },
         "TLS" => match mode.as_deref() {
-            Some("PASSTHROUGH" | "AUTO_PASSTHROUGH") => Some(ServerKind::Passthrough),
+            Some("PASSTHROUGH") => Some(ServerKind::Passthrough),
+            Some("AUTO_PASSTHROUGH") => Some(ServerKind::AutoPassthrough),
             _ => None,
         },
         "TCP" | "MONGO" | "MYSQL" | "REDIS" => Some(ServerKind::Tcp),
@@ -329,6 +362,22 @@ impl<'a> GatewayModel<'a> {
             .filter(|vs| selected.iter().any(|gw| binds_to(vs, gw)))
             .collect();
         model
+    }
+
+    /// The hosts of every AUTO_PASSTHROUGH server: services they cover get SNI-DNAT clusters and
+    /// filter chains (istiod's `AutoPassthroughSNIHosts`).
+    pub fn auto_passthrough_hosts(&self) -> Vec<ServerHost> {
+        let mut out: Vec<ServerHost> = Vec::new();
+        for s in self.ports.values().flat_map(|p| &p.servers) {
+            if s.kind == ServerKind::AutoPassthrough {
+                for h in &s.hosts {
+                    if !out.contains(h) {
+                        out.push(h.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// VirtualServices bound to this server's Gateway, in config order.

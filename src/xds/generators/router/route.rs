@@ -371,7 +371,7 @@ pub fn generate(push: &PushContext, model: &GatewayModel<'_>) -> ResourceSet {
                 let servers: Vec<&Server<'_>> = ps.servers.iter().collect();
                 add(route_config(push, model, &ps.http_route_name(), &servers, ps.port));
             }
-            ServerKind::HttpsTerminate | ServerKind::Passthrough => {
+            ServerKind::HttpsTerminate | ServerKind::Passthrough | ServerKind::AutoPassthrough => {
                 for s in ps.servers.iter().filter(|s| s.kind == ServerKind::HttpsTerminate) {
                     add(route_config(push, model, &s.https_route_name(), &[s], ps.port));
                 }

@@ -99,6 +99,7 @@ fn push(config: IstioConfig, secrets: Arc<dyn SecretSource>) -> PushContext {
         services,
         endpoints,
         config: Arc::new(config),
+        networks: Default::default(),
     };
     PushContext::initial(Arc::from("test"), Arc::new(snap)).with_secrets(secrets)
 }
@@ -114,6 +115,7 @@ fn proxy(labels: &[(&str, &str)]) -> ProxyInfo {
         service_account: None,
         cluster_id: "cluster2".into(),
         network: String::new(),
+        requested_network_view: None,
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         generator: None,
     }
