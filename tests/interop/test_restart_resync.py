@@ -35,9 +35,11 @@ from conftest import (
     child_env,
     parse_listeners,
 )
-from test_envoy_gateway import (
+from envoy_helpers import (
+    ISTIO_VERSION,
     Backend,
     envoy_binary,
+    envoy_bootstrap,
     free_port,
     start_envoy,
     wait_until,
@@ -209,51 +211,18 @@ def start_meshd_fixed(data_dir: Path, addrs: dict[str, str], *extra: str) -> Mes
 
 
 def plaintext_bootstrap(xds_host: str, xds_port: int) -> dict:
-    ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
-        "node": {
-            "id": GW_NODE_ID,
-            "cluster": f"istio-ingressgateway.{GW_NS}",
-            "metadata": {
-                "CLUSTER_ID": CLUSTER_ID,
-                "NAMESPACE": GW_NS,
-                "SERVICE_ACCOUNT": "istio-ingressgateway",
-                "LABELS": {"istio": "ingressgateway"},
-                "ISTIO_VERSION": "1.28.0",
-            },
-        },
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}],
-            },
-            "cds_config": ads,
-            "lds_config": ads,
-        },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": "xds-grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "xds-grpc",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                            "socket_address": {"address": xds_host, "port_value": xds_port}}}}]}],
-                    },
-                }
-            ]
+    node = {
+        "id": GW_NODE_ID,
+        "cluster": f"istio-ingressgateway.{GW_NS}",
+        "metadata": {
+            "CLUSTER_ID": CLUSTER_ID,
+            "NAMESPACE": GW_NS,
+            "SERVICE_ACCOUNT": "istio-ingressgateway",
+            "LABELS": {"istio": "ingressgateway"},
+            "ISTIO_VERSION": ISTIO_VERSION,
         },
     }
+    return envoy_bootstrap(node, (xds_host, xds_port), xds_connect_timeout="2s")
 
 
 def http_get(port: int, host: str = WEB_HOST, path: str = "/") -> tuple[int, str]:
