@@ -8,9 +8,11 @@
 # Exits non-zero if anything fails. A skipped interop test is a failure (tests/interop/conftest.py
 # turns every skip into a failure and prints its reason).
 #
-# Needs only the Rust toolchain and python3. Environment: PYTHON (default python3) picks the
-# interpreter for the venv; MESHD_BIN overrides the binary the interop tests run; extra
-# arguments are passed to pytest (e.g. scripts/test.sh -k reflection).
+# Needs the Rust toolchain and python3, and root for the sidecar interop tests (network namespaces,
+# iptables): as root on Debian it installs python3-venv, iproute2, iptables and util-linux when
+# missing. Environment: PYTHON (default python3) picks the interpreter for the venv; MESHD_BIN
+# overrides the binary the interop tests run; extra arguments are passed to pytest (e.g.
+# scripts/test.sh -k reflection).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,6 +51,28 @@ else
   "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q -r "$REQ"
   echo "$want" >"$stamp"
   echo "installed $(grep -cE '^[A-Za-z]' "$REQ") pinned packages"
+fi
+
+section "system tools for the sidecar harness (ip netns, iptables, setpriv)"
+# tests/interop/netns.py makes pods as network namespaces with istio-init's iptables rules and runs
+# Envoy as uid 1337; it needs root and these tools, and fails its tests with the reason otherwise.
+missing_pkgs=()
+command -v ip >/dev/null 2>&1 || missing_pkgs+=(iproute2)
+{ command -v iptables && command -v iptables-restore && command -v iptables-save; } >/dev/null 2>&1 \
+  || missing_pkgs+=(iptables)
+command -v setpriv >/dev/null 2>&1 || missing_pkgs+=(util-linux)
+if [ "${#missing_pkgs[@]}" -eq 0 ]; then
+  echo "ip, iptables and setpriv are installed"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "installing ${missing_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_pkgs[@]}"
+else
+  echo "warning: ${missing_pkgs[*]} missing and not installable here (needs root and apt-get);" \
+    "the sidecar interop tests will fail" >&2
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "warning: not root: the sidecar interop tests (network namespaces, iptables) will fail" >&2
 fi
 
 section "cargo build --all-targets"

@@ -345,15 +345,18 @@ class Meshd:
         return f"meshd {' '.join(self.args)}\n--- stderr ---\n{self.stderr.text()}"
 
 
-def start_meshd(data_dir: Path, *extra_args: str, grpc_host: str = "127.0.0.1") -> Meshd:
-    """Starts `meshd serve` on ephemeral loopback ports and waits for its four listener lines."""
+def start_meshd(data_dir: Path, *extra_args: str, grpc_host: str = "127.0.0.1",
+                plaintext_host: str = "127.0.0.1") -> Meshd:
+    """Starts `meshd serve` on ephemeral ports (loopback unless grpc_host / plaintext_host say
+    otherwise: pods of the netns harness need netns.MESHD_HOST_FOR_PODS) and waits for its four
+    listener lines."""
     if not MESHD_BIN.is_file() or not os.access(MESHD_BIN, os.X_OK):
         raise RuntimeError(f"meshd binary {MESHD_BIN} is missing; run `cargo build` or set MESHD_BIN")
     args = [
         "serve",
         "--data-dir", str(data_dir),
         "--grpc-addr", f"{grpc_host}:0",
-        "--plaintext-addr", "127.0.0.1:0",
+        "--plaintext-addr", f"{plaintext_host}:0",
         "--monitoring-addr", "127.0.0.1:0",
         "--ready-addr", "127.0.0.1:0",
         "--webhook-addr", "127.0.0.1:0",
@@ -398,9 +401,9 @@ class MeshdLauncher:
         self._tmp = tmp_path_factory
         self._started: list[Meshd] = []
 
-    def start(self, *extra_args: str, grpc_host: str = "127.0.0.1") -> Meshd:
+    def start(self, *extra_args: str, grpc_host: str = "127.0.0.1", plaintext_host: str = "127.0.0.1") -> Meshd:
         data_dir = self._tmp.mktemp("meshd-data")
-        m = start_meshd(data_dir, *extra_args, grpc_host=grpc_host)
+        m = start_meshd(data_dir, *extra_args, grpc_host=grpc_host, plaintext_host=plaintext_host)
         self._started.append(m)
         return m
 
@@ -466,6 +469,20 @@ def meshd_on_127_0_0_2(tmp_path_factory):
                              grpc_host="127.0.0.2")
     finally:
         launcher.close()
+
+
+@pytest.fixture
+def netlab():
+    """Networks (bridges) and pods (network namespaces) for one test, with istio-init's capture
+    and sidecars on demand (tests/interop/netns.py, sidecar.py). Everything it made — processes,
+    namespaces, bridges — is removed at teardown. Fails (never skips) without root or the tools."""
+    from netns import NetLab  # imports conftest: not at module level
+
+    lab = NetLab()
+    try:
+        yield lab
+    finally:
+        lab.close()
 
 
 def pytest_report_header(config):
