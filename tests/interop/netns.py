@@ -423,6 +423,13 @@ class Pod:
 
         return start_sidecar(self, meshd, **kw)
 
+    def start_gateway(self, meshd, **kw):
+        """istio-agent and a gateway Envoy (node type router) in this pod: sidecar.start_sidecar
+        with proxy_type="router"."""
+        from sidecar import start_sidecar
+
+        return start_sidecar(self, meshd, proxy_type="router", **kw)
+
 
 class NetLab:
     """The networks and pods of one test; close() removes them all."""

@@ -311,8 +311,9 @@ class IstioAgent:
 # --------------------------------------------------------------------------------------------
 
 
-def node_id(pod: Pod) -> str:
-    return f"sidecar~{pod.ip}~{pod.name}.{pod.namespace}~{pod.namespace}.svc.{DOMAIN}"
+def node_id(pod: Pod, proxy_type: str = "sidecar") -> str:
+    """Istio's node id: `<type>~<pod IP>~<pod>.<namespace>~<namespace>.svc.cluster.local`."""
+    return f"{proxy_type}~{pod.ip}~{pod.name}.{pod.namespace}~{pod.namespace}.svc.{DOMAIN}"
 
 
 def _prometheus_listener() -> dict:
@@ -366,10 +367,12 @@ def sidecar_bootstrap(
     admin_socket: Path,
     api_type: str = "GRPC",
     metadata: dict | None = None,
+    proxy_type: str = "sidecar",
 ) -> dict:
-    """A sidecar bootstrap in istio-agent's shape (see the module doc). `root_pem` None: ADS over
-    plaintext (meshd's plaintext port); else TLS verified against it. `token` None: no
-    authorization metadata."""
+    """A bootstrap in istio-agent's shape (see the module doc) for a sidecar, or a gateway with
+    proxy_type="router". `root_pem` None: ADS over plaintext (meshd's plaintext port); else TLS
+    verified against it. `token` None: no authorization metadata. `metadata` adds to or
+    overrides the node metadata."""
     app = pod.labels.get("app", pod.service_account)
     md = {
         "NAMESPACE": pod.namespace,
@@ -385,7 +388,7 @@ def sidecar_bootstrap(
         "INTERCEPTION_MODE": "REDIRECT",
         **(metadata or {}),
     }
-    node = {"id": node_id(pod), "cluster": f"{app}.{pod.namespace}", "metadata": md}
+    node = {"id": node_id(pod, proxy_type), "cluster": f"{app}.{pod.namespace}", "metadata": md}
     initial_metadata = [("clusterid", cluster_id)]
     if token is not None:
         initial_metadata.insert(0, ("authorization", f"Bearer {token}"))
@@ -434,7 +437,7 @@ class Sidecar:
             raise errors[0]
 
     def describe(self) -> str:
-        return f"=== sidecar of {self.pod.name} ({self.node_id}) ===\n{self.envoy.describe()}\n{self.agent.describe()}"
+        return f"=== proxy of {self.pod.name} ({self.node_id}) ===\n{self.envoy.describe()}\n{self.agent.describe()}"
 
 
 def _pod_reachable(pod: Pod, meshd, listener: str) -> tuple[str, int]:
@@ -457,13 +460,15 @@ def start_sidecar(
     xds: str = "tls",
     api_type: str = "GRPC",
     metadata: dict | None = None,
+    proxy_type: str = "sidecar",
     ready_timeout: float = START_TIMEOUT_S,
 ) -> Sidecar:
     """istio-agent + Envoy for `pod` against `meshd` (a conftest Meshd listening where pods reach
     it, MESHD_HOST_FOR_PODS). `network` defaults to the pod's first network's name; `token` to
     one from meshd's standalone issuer for the pod's namespace and service account; `xds` is
-    "tls" (meshd's 15012-style port, token + clusterid metadata) or "plaintext". Ended by the
-    lab's close()."""
+    "tls" (meshd's 15012-style port, token + clusterid metadata) or "plaintext". proxy_type
+    "router" makes it a gateway (e.g. an east-west gateway: labels from the pod, listeners
+    bound on every address of the pod, no capture needed). Ended by the lab's close()."""
     envoy_binary()  # fail early (never skip) when there is none
     network = pod.network.name if network is None else network
     if token is None:
@@ -490,6 +495,7 @@ def start_sidecar(
         admin_socket=pod.dir / "admin.sock",
         api_type=api_type,
         metadata=metadata,
+        proxy_type=proxy_type,
     )
     workdir = pod.dir / "envoy"
     workdir.mkdir()
@@ -497,10 +503,11 @@ def start_sidecar(
     binary = pod.lab.proxy_binary(envoy_binary())
     prefix = pod.cmd(as_proxy=True)
     envoy = start_envoy(workdir, bootstrap, prefix=prefix, binary=binary)
-    sc = Sidecar(pod=pod, agent=agent, envoy=envoy, cluster_id=cluster_id, network=network, node_id=node_id(pod))
+    sc = Sidecar(pod=pod, agent=agent, envoy=envoy, cluster_id=cluster_id, network=network,
+                 node_id=node_id(pod, proxy_type))
     pod.lab.on_close(envoy.stop)
     pod.sidecar = sc
-    wait_until(f"the sidecar of {pod.name} is LIVE (its xDS config and SDS secrets in)", ready_timeout,
+    wait_until(f"the {proxy_type} proxy of {pod.name} is LIVE (its xDS config and SDS secrets in)", ready_timeout,
                envoy.ready, lambda: sc.describe() + "\n" + meshd.describe()[-4000:])
     return sc
 

@@ -16,11 +16,14 @@ workload certificates. The tests check that
    (virtualInbound, 15006) on its mTLS chain and reaches the app from 127.0.0.6;
 2. a plaintext request from the test process (root namespace) straight to web's pod IP:8080 is
    captured too and answered through the plaintext chain (PERMISSIVE, Istio's default);
-3. the ports istio-init excludes (15090, Envoy's Prometheus listener) are not captured.
+3. the ports istio-init excludes (15090, Envoy's Prometheus listener) are not captured;
+
+and that networks are isolated from each other, which the multi-network tests rely on.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.request
 
@@ -28,7 +31,7 @@ import pytest
 
 from conftest import MeshdLauncher
 from envoy_helpers import wait_until
-from netns import MESHD_HOST_FOR_PODS, NetLab
+from netns import MESHD_HOST_FOR_PODS, NetLab, NetnsError
 from sidecar import ConfigDir, endpoint_slice_object, pod_object, service_object
 
 CLUSTER_ID = "cluster1"
@@ -208,3 +211,28 @@ def test_excluded_ports_are_not_captured(mesh):
     assert web.stat("listener.0.0.0.0_15006.downstream_cx_total") == cx_before, "15090 is not redirected to 15006"
     rules = mesh.web.iptables_save()
     assert "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN" in rules, rules
+
+
+def test_networks_are_isolated_and_a_pod_can_span_two(netlab):
+    """The harness's own guarantee for multi-network tests: a pod reaches only the networks it is
+    attached to (no default route, no forwarding in the root namespace)."""
+    net1, net2 = netlab.network("network1"), netlab.network("network2")
+    a = netlab.pod("a-0", networks=[net1])
+    b = netlab.pod("b-0", networks=[net2])
+    gw = netlab.pod("eastwest-0", networks=[net1, net2], namespace="istio-system")
+    assert ipaddress.ip_address(a.ip) in net1.subnet and ipaddress.ip_address(b.ip) in net2.subnet
+    assert gw.ip_on(net1) == gw.ip and ipaddress.ip_address(gw.ip_on(net2)) in net2.subnet
+    lb_ip = gw.add_address(net2)
+    netlab.pod("c-0", networks=[net1]).start_app(APP_PORT, name="c")
+    a.start_app(APP_PORT)
+    b.start_app(APP_PORT)
+
+    assert a.http_get(f"http://{netlab.pods['c-0'].ip}:{APP_PORT}/").body == "c", "same network"
+    assert _root_get(f"http://{b.ip}:{APP_PORT}/") == (200, "b-0"), "the root namespace reaches every network"
+    assert gw.http_get(f"http://{a.ip}:{APP_PORT}/").body == "a-0"
+    assert gw.http_get(f"http://{b.ip}:{APP_PORT}/").body == "b-0"
+    gw.start_app(APP_PORT, name="gw-lb", ip=lb_ip)
+    assert b.http_get(f"http://{lb_ip}:{APP_PORT}/").body == "gw-lb", "network2 reaches the gateway's extra address"
+    for src, dst in ((b, a.ip), (a, b.ip), (b, net1.gateway), (a, lb_ip)):
+        with pytest.raises(NetnsError, match="Network is unreachable"):
+            src.http_get(f"http://{dst}:{APP_PORT}/", timeout=2)
