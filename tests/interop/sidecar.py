@@ -21,8 +21,9 @@ pod's istio-proxy container does:
    ``clusterid`` initial metadata) or its plaintext port (``xds="plaintext"``); the static
    ``sds-grpc`` cluster on the agent's socket; Istio's Prometheus listener on 15090; the admin
    on a Unix socket (the test reads ``/config_dump``, ``/stats``, ``/clusters`` through it).
-   Waits until Envoy's /ready says LIVE: every listener and cluster meshd sent is warm, so the
-   certificates arrived over SDS.
+   Waits until Envoy's /ready says LIVE: every listener and cluster meshd sent is warm (those
+   that use the workload certificate or the roots warm only once SDS delivered them; a pod that
+   neither serves nor calls a mesh service asks for no secret at all).
 
 Kubernetes objects for the pods (``pod_object``, ``service_object``, ``endpoint_slice_object``)
 serve both meshd's ``--config-dir`` (``ConfigDir``) and the fake API servers (``FakeCluster.apply``).
@@ -283,6 +284,7 @@ class IstioAgent:
 
     def start_sds(self) -> Path:
         """Serves SDS on the Unix socket Envoy's `sds-grpc` cluster names (uid 1337 may connect)."""
+        self.sds_socket.unlink(missing_ok=True)  # a previous agent's, when a sidecar is restarted
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"sds-{self.pod.name}"))
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(_SdsService(self), server)
         server.add_insecure_port(f"unix:{self.sds_socket}")
@@ -498,8 +500,9 @@ def start_sidecar(
         proxy_type=proxy_type,
     )
     workdir = pod.dir / "envoy"
-    workdir.mkdir()
+    workdir.mkdir(exist_ok=True)
     os.chown(workdir, PROXY_UID, PROXY_GID)
+    (pod.dir / "admin.sock").unlink(missing_ok=True)
     binary = pod.lab.proxy_binary(envoy_binary())
     prefix = pod.cmd(as_proxy=True)
     envoy = start_envoy(workdir, bootstrap, prefix=prefix, binary=binary)
