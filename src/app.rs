@@ -375,6 +375,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     let ca_metrics = CaMetrics::register(&registry);
 
     let mesh = MeshStore::new();
+    let mesh_config = crate::meshconfig::MeshConfigSink::new(Arc::clone(&mesh), &registry);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let push_throttle = if args.push_throttle == 0 {
         (15 + 5 * cpus).min(100)
@@ -416,6 +417,32 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     {
         // `--network` names the primary's endpoints that no label or meshNetworks names.
         mesh.set_default_network(&args.cluster_id, &args.network);
+        match &args.mesh_config {
+            Some(path) => background.push(crate::meshconfig::file::spawn(
+                path.clone(),
+                Arc::clone(&mesh_config),
+                args.config_dir_poll,
+            )),
+            None => {
+                if let Some(client) = &local_client {
+                    background.push(crate::meshconfig::kube::spawn(
+                        client.clone(),
+                        &args.system_namespace,
+                        Arc::clone(&mesh_config),
+                    ));
+                }
+            }
+        }
+        match crate::registry::gateway_dns::SystemResolver::new() {
+            Ok(r) => background.push(crate::registry::gateway_dns::spawn(
+                Arc::clone(&mesh),
+                Arc::new(r),
+                &registry,
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "no system DNS configuration: network gateways given by hostname stay unresolved")
+            }
+        }
         let settings = crate::registry::kube_source::RegistrySettings {
             trust_domain: args.trust_domain.clone(),
             system_namespace: args.system_namespace.clone(),
@@ -599,6 +626,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
                 http::DebugSources {
                     clusters: Some(Arc::clone(&clusters)),
                     mesh: Some(Arc::clone(&mesh)),
+                    mesh_config: Some(Arc::clone(&mesh_config)),
                     xds: Some(xds.clone()),
                     auth: Some(Arc::clone(&auth)),
                     system_namespace: args.system_namespace.clone(),

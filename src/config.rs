@@ -232,10 +232,15 @@ pub struct ServeArgs {
     /// How often --config-dir is checked for changes.
     #[arg(long, env = "MESHD_CONFIG_DIR_POLL", default_value = "1s", value_parser = duration)]
     pub config_dir_poll: Duration,
-    /// Network of endpoints without a topology.istio.io/network label on their pod, namespace or
-    /// the cluster's system namespace.
+    /// Network of the primary's endpoints that neither a topology.istio.io/network label (on the
+    /// pod, or on the cluster's system namespace) nor meshNetworks names.
     #[arg(long, env = "MESHD_NETWORK", default_value = "")]
     pub network: String,
+    /// Mesh config file in the shape of the `istio` ConfigMap's data (keys `meshNetworks`,
+    /// `mesh`), polled for changes; without it the `istio` ConfigMap of the primary's system
+    /// namespace is watched.
+    #[arg(long, env = "MESHD_MESH_CONFIG")]
+    pub mesh_config: Option<PathBuf>,
     // --- end service registry ---
     // --- webhooks (src/webhook) ---
     /// HTTPS: /inject, /validate, /ready with the serving certificate (istiod's 15017, exposed by

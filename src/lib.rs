@@ -20,6 +20,7 @@ pub mod fsutil;
 pub mod grpc;
 pub mod limits;
 pub mod logging;
+pub mod meshconfig;
 pub mod pki;
 pub mod proto;
 pub mod registry;

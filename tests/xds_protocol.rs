@@ -6,13 +6,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::xds::{Sotw, plaintext, req};
 use common::xds_node as node;
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
@@ -89,58 +90,6 @@ fn set_endpoints(t: &TestMeshd, ips: &[&str]) {
 
 async fn start() -> TestMeshd {
     TestMeshd::start_with(|a| a.debounce_after = Duration::from_millis(20)).await
-}
-
-async fn plaintext(t: &TestMeshd) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{}", t.m().addrs.plaintext))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
-}
-
-impl Sotw {
-    async fn open(ch: Channel, token: Option<&str>) -> Result<Self, tonic::Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        if let Some(t) = token {
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
-        }
-        let rx = AggregatedDiscoveryServiceClient::new(ch)
-            .stream_aggregated_resources(req)
-            .await?
-            .into_inner();
-        Ok(Self { tx, rx })
-    }
-
-    async fn send(&self, r: DiscoveryRequest) {
-        self.tx.send(r).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
-        match tokio::time::timeout(Duration::from_secs(10), self.rx.message()).await {
-            Ok(Ok(Some(r))) => Ok(r),
-            Ok(Ok(None)) => panic!("stream ended"),
-            Ok(Err(s)) => Err(s),
-            Err(_) => panic!("no response within 10s"),
-        }
-    }
-}
-
-fn req(type_url: &str, names: &[&str], nonce: &str, node: Option<Node>) -> DiscoveryRequest {
-    DiscoveryRequest {
-        node,
-        type_url: type_url.into(),
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        response_nonce: nonce.into(),
-        ..Default::default()
-    }
 }
 
 fn cla(r: &DiscoveryResponse, i: usize) -> ClusterLoadAssignment {

@@ -18,8 +18,10 @@ use http::Response;
 #[derive(Default)]
 pub struct DebugSources {
     pub clusters: Option<Arc<ClusterRegistry>>,
-    /// The service model, for `/debug/registryz`.
+    /// The service model, for `/debug/registryz` and `/debug/networkz`.
     pub mesh: Option<Arc<crate::registry::MeshStore>>,
+    /// Refused mesh config updates, for `/debug/networkz`.
+    pub mesh_config: Option<Arc<crate::meshconfig::MeshConfigSink>>,
     /// xDS connections, for `/debug/syncz`, `/debug/connections` and `/debug/config_dump`.
     pub xds: Option<crate::xds::XdsServer>,
     /// Authenticates non-loopback callers; without it they are refused.
@@ -137,6 +139,13 @@ pub async fn handle(
             Some(m) => json(StatusCode::OK, &crate::registry::debug::registryz(&m.snapshot())),
             None => json(StatusCode::OK, &serde_json::json!({"services": []})),
         },
+        "/debug/networkz" => {
+            let error = sources.mesh_config.as_ref().and_then(|m| m.last_error());
+            match &sources.mesh {
+                Some(m) => json(StatusCode::OK, &crate::registry::debug::networkz(&m.snapshot(), error)),
+                None => json(StatusCode::OK, &serde_json::json!({"gateways": []})),
+            }
+        }
         // Per connection and type: nonces sent/acked, versions, NACKs (istiod's syncz).
         "/debug/syncz" | "/debug/connections" => match &sources.xds {
             Some(x) => json(StatusCode::OK, &x.connections()),
@@ -145,7 +154,7 @@ pub async fn handle(
         "/debug/config_dump" => config_dump(sources, query, &access).unwrap_or_else(refuse),
         _ => text(
             StatusCode::NOT_FOUND,
-            "unknown debug endpoint; try /debug/syncz, /debug/config_dump?proxyID=, /debug/connections, /debug/clusterz, /debug/registryz\n",
+            "unknown debug endpoint; try /debug/syncz, /debug/config_dump?proxyID=, /debug/connections, /debug/clusterz, /debug/registryz, /debug/networkz\n",
         ),
     }
 }

@@ -160,7 +160,12 @@ pub fn service_facts(s: &KubeService) -> Option<(ServiceKey, ServiceFacts)> {
             }
         }
     }
-    external_addresses.extend(spec.external_ips.unwrap_or_default().into_iter().filter(|a| !a.is_empty()));
+    external_addresses.extend(
+        spec.external_ips
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| !a.is_empty()),
+    );
     let mut seen = BTreeSet::new();
     external_addresses.retain(|a| seen.insert(a.clone()));
     Some((
@@ -813,7 +818,13 @@ mod tests {
         let (pk2, pf2) = pod_facts(&labelled);
         st.set_pod(pk2, Some(pf2));
         let eps = st.endpoints(&echo);
-        let net = |ip: &str| eps.iter().find(|e| e.address.to_string() == ip).unwrap().network.clone();
+        let net = |ip: &str| {
+            eps.iter()
+                .find(|e| e.address.to_string() == ip)
+                .unwrap()
+                .network
+                .clone()
+        };
         assert_eq!(net("10.0.0.1"), "net1");
         assert_eq!(net("10.0.0.2"), "pod-net");
         assert_eq!(e1.service_port_name, "http");

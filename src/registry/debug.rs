@@ -171,3 +171,30 @@ pub fn registryz(snap: &Snapshot) -> RegistryDump {
         },
     }
 }
+
+/// `/debug/networkz`: the networks' gateways, where each came from and what became of its
+/// address, and the networks held back while a gateway hostname resolves.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkDump<'a> {
+    pub version: u64,
+    /// Some gateway exists: endpoints are filtered per network (split horizon).
+    pub multi_network: bool,
+    /// istiod's weight scale factor.
+    pub lcm: u32,
+    pub gateways: &'a [super::network::GatewayStatus],
+    pub unresolved_networks: &'a BTreeSet<String>,
+    /// The last refused mesh config update, until a good one arrives.
+    pub mesh_config_error: Option<String>,
+}
+
+pub fn networkz(s: &Snapshot, mesh_config_error: Option<String>) -> NetworkDump<'_> {
+    NetworkDump {
+        version: s.version,
+        multi_network: s.networks.is_multi_network(),
+        lcm: s.networks.scale(),
+        gateways: &s.networks.statuses,
+        unresolved_networks: &s.networks.unresolved_networks,
+        mesh_config_error,
+    }
+}

@@ -84,7 +84,11 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// Resolves the store's gateway hostnames for as long as the task runs.
-pub fn spawn(store: Arc<MeshStore>, resolver: Arc<dyn HostResolver>, registry: &Registry) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    store: Arc<MeshStore>,
+    resolver: Arc<dyn HostResolver>,
+    registry: &Registry,
+) -> tokio::task::JoinHandle<()> {
     let failures = registry.counter_vec(
         "meshd_gateway_dns_failures",
         "Failed lookups of network-gateway hostnames (retried with backoff; the last addresses are kept)",
@@ -237,7 +241,11 @@ mod tests {
         );
         let registry = Registry::new();
         let task = spawn(Arc::clone(&store), scripted.clone(), &registry);
-        store.upsert_service("c2", ServiceKey::new("istio-system", "ew"), gateway_service("ew.example.com"));
+        store.upsert_service(
+            "c2",
+            ServiceKey::new("istio-system", "ew"),
+            gateway_service("ew.example.com"),
+        );
         let addrs = |s: &crate::registry::Snapshot| {
             s.networks
                 .gateways
@@ -248,7 +256,10 @@ mod tests {
         wait_for(&store, "first answer", |s| addrs(s) == ["5.5.5.5"]).await;
         tokio::time::sleep(Duration::from_secs(29)).await;
         assert_eq!(scripted.calls.lock().unwrap().len(), 1, "not before the 30 s floor");
-        wait_for(&store, "refresh after the TTL floor", |s| addrs(s) == ["5.5.5.6", "5.5.5.7"]).await;
+        wait_for(&store, "refresh after the TTL floor", |s| {
+            addrs(s) == ["5.5.5.6", "5.5.5.7"]
+        })
+        .await;
         // The 2 h TTL is clamped to 1 h; then the lookup fails: addresses are kept.
         tokio::time::sleep(Duration::from_secs(3600)).await;
         wait_for(&store, "the failure recorded", |s| {
@@ -258,10 +269,21 @@ mod tests {
                 .any(|st| st.problem.as_deref().is_some_and(|p| p.contains("SERVFAIL")))
         })
         .await;
-        assert_eq!(addrs(&store.snapshot()), ["5.5.5.6", "5.5.5.7"], "kept through the failure");
-        assert!(registry.encode().contains(r#"meshd_gateway_dns_failures{host="ew.example.com"} 1"#));
+        assert_eq!(
+            addrs(&store.snapshot()),
+            ["5.5.5.6", "5.5.5.7"],
+            "kept through the failure"
+        );
+        assert!(
+            registry
+                .encode()
+                .contains(r#"meshd_gateway_dns_failures{host="ew.example.com"} 1"#)
+        );
         // Retried after the backoff; no answer at all removes the gateway.
-        wait_for(&store, "no answer removes the gateway", |s| s.networks.gateways.is_empty()).await;
+        wait_for(&store, "no answer removes the gateway", |s| {
+            s.networks.gateways.is_empty()
+        })
+        .await;
         assert_eq!(scripted.calls.lock().unwrap().len(), 4);
         task.abort();
     }

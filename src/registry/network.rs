@@ -139,7 +139,9 @@ impl MeshNetworks {
                 what,
             };
             if n.endpoints.is_empty() {
-                return Err(bad("at least one endpoint (fromCidr or fromRegistry) is required".into()));
+                return Err(bad(
+                    "at least one endpoint (fromCidr or fromRegistry) is required".into()
+                ));
             }
             for e in &n.endpoints {
                 match (&e.from_cidr, &e.from_registry) {
@@ -147,14 +149,20 @@ impl MeshNetworks {
                         c.parse::<Cidr>().map_err(bad)?;
                     }
                     (None, Some(r)) if !r.is_empty() => {}
-                    _ => return Err(bad("each endpoint needs exactly one of fromCidr and fromRegistry".into())),
+                    _ => {
+                        return Err(bad(
+                            "each endpoint needs exactly one of fromCidr and fromRegistry".into()
+                        ));
+                    }
                 }
             }
             for g in &n.gateways {
                 let named = g.registry_service_name.as_deref().is_some_and(|s| !s.is_empty());
                 let addressed = g.address.as_deref().is_some_and(|s| !s.is_empty());
                 if named == addressed {
-                    return Err(bad("each gateway needs exactly one of registryServiceName and address".into()));
+                    return Err(bad(
+                        "each gateway needs exactly one of registryServiceName and address".into()
+                    ));
                 }
                 if g.port == 0 || g.port > 65535 {
                     return Err(bad(format!("gateway port {} is not a valid port", g.port)));
@@ -172,11 +180,10 @@ impl MeshNetworks {
     /// name) whose `fromRegistry` is the cluster, else the first whose `fromCidr` contains the
     /// address.
     pub fn network_for(&self, cluster: &str, addr: &IpAddr) -> Option<&str> {
-        let by_registry = self.networks.iter().find(|(_, n)| {
-            n.endpoints
-                .iter()
-                .any(|e| e.from_registry.as_deref() == Some(cluster))
-        });
+        let by_registry = self
+            .networks
+            .iter()
+            .find(|(_, n)| n.endpoints.iter().any(|e| e.from_registry.as_deref() == Some(cluster)));
         if let Some((name, _)) = by_registry {
             return Some(name);
         }
@@ -203,7 +210,11 @@ impl MeshNetworks {
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum GatewaySource {
     /// A Service labelled `topology.istio.io/network` (or named by `registryServiceName`).
-    Service { cluster: String, namespace: String, name: String },
+    Service {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
     /// A `meshNetworks` gateway `address`.
     MeshNetworks,
 }
@@ -337,11 +348,7 @@ impl NetworkIndex {
             }
         }
         for (network, n) in &mesh_networks.networks {
-            let registries: Vec<&str> = n
-                .endpoints
-                .iter()
-                .filter_map(|e| e.from_registry.as_deref())
-                .collect();
+            let registries: Vec<&str> = n.endpoints.iter().filter_map(|e| e.from_registry.as_deref()).collect();
             for g in &n.gateways {
                 let port = u16::try_from(g.port).unwrap_or(0);
                 if let Some(addr) = g.address.as_deref().filter(|a| !a.is_empty()) {
@@ -595,10 +602,10 @@ networks:
         let mut plain = gw_service("ignored", 15443, &["4.4.4.4"], None);
         plain.labels.clear();
         let mut s = shards(&[("c1", "istio-eastwestgateway", plain)]);
-        s.get_mut("c1").unwrap().services.insert(
-            ServiceKey::new("default", "other"),
-            gw_service("x", 15443, &[], None),
-        );
+        s.get_mut("c1")
+            .unwrap()
+            .services
+            .insert(ServiceKey::new("default", "other"), gw_service("x", 15443, &[], None));
         let idx = NetworkIndex::build(&s, &mn, &BTreeMap::new());
         let got: Vec<(String, String, String)> = idx
             .gateways
@@ -621,7 +628,10 @@ networks:
     fn invalid_mesh_networks_are_refused_with_the_reason() {
         for (yaml, want) in [
             ("networks: {n1: {gateways: []}}", "at least one endpoint"),
-            ("networks: {n1: {endpoints: [{fromCidr: 10.0.0.0/99}]}}", "prefix length"),
+            (
+                "networks: {n1: {endpoints: [{fromCidr: 10.0.0.0/99}]}}",
+                "prefix length",
+            ),
             (
                 "networks: {n1: {endpoints: [{fromRegistry: c1}], gateways: [{address: 1.1.1.1}]}}",
                 "not a valid port",

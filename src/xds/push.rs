@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::generators::eds;
-use super::generators::split_horizon::EdsView;
 use super::generators::router::{NoSecrets, SecretSource};
+use super::generators::split_horizon::EdsView;
 use super::interned::Name;
 use super::resource::{Resource, ResourceSet};
 use super::types;
@@ -331,7 +331,10 @@ mod tests {
         assert_eq!(a.len(), b.len(), "same names in every view");
         let name = "outbound|7070||echo.default.svc.cluster.local";
         assert!(!Arc::ptr_eq(&a[name], &b[name]), "built per view");
-        assert_eq!(a[name].version, b[name].version, "endpoints without a network are seen by every view");
+        assert_eq!(
+            a[name].version, b[name].version,
+            "endpoints without a network are seen by every view"
+        );
         // An endpoint-only change rebuilds that host only, in every view.
         let change = Change {
             endpoint_hosts: [OTHER.to_string()].into(),

@@ -2,6 +2,8 @@
 //! talk to it with the same client code `meshd cert` uses.
 #![allow(dead_code)]
 
+pub mod xds;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 

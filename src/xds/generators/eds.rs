@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    Address, Locality, Metadata, SocketAddress, address, socket_address,
-};
+use envoy_types::pb::envoy::config::core::v3::{Address, Locality, Metadata, SocketAddress, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };

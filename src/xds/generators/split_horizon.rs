@@ -386,7 +386,11 @@ mod tests {
         // with a gateway is still reached through it.
         let got = show(&filter(&bucket, &view(""), &idx, &injected, false));
         // lcm 2 (two gateways in the bucket); the IPv4-only proxy reaches one and it takes it all.
-        assert_eq!(got, vec![("2.2.2.2:15443".into(), 2)], "IPv4-only proxy skips the v6 gateway");
+        assert_eq!(
+            got,
+            vec![("2.2.2.2:15443".into(), 2)],
+            "IPv4-only proxy skips the v6 gateway"
+        );
         let mut v6 = view("n1");
         v6.v4 = false;
         v6.v6 = true;
@@ -410,7 +414,10 @@ mod tests {
             show(&filter(&bucket, &view("n1"), &idx, &injected, false)),
             vec![("10.1.0.1:8080".into(), 1)]
         );
-        let idx = index(&[("c2", "n2", &["ew.example.com"])], &[("ew.example.com", &["7.7.7.7"])]);
+        let idx = index(
+            &[("c2", "n2", &["ew.example.com"])],
+            &[("ew.example.com", &["7.7.7.7"])],
+        );
         assert_eq!(
             show(&filter(&bucket, &view("n1"), &idx, &injected, false)),
             vec![("10.1.0.1:8080".into(), 1), ("7.7.7.7:15443".into(), 1)]

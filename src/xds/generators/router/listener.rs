@@ -266,7 +266,13 @@ fn passthrough_chains(push: &PushContext, model: &GatewayModel<'_>, s: &Server<'
 
 /// ALPN values of Istio mTLS (istiod's `allIstioMtlsALPNs`): together with the mTLS-only EDS of
 /// the SNI-DNAT clusters, only Istio mTLS clients get through an AUTO_PASSTHROUGH port.
-pub const ISTIO_MTLS_ALPNS: [&str; 5] = ["istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2"];
+pub const ISTIO_MTLS_ALPNS: [&str; 5] = [
+    "istio",
+    "istio-peer-exchange",
+    "istio-http/1.0",
+    "istio-http/1.1",
+    "istio-h2",
+];
 
 /// An AUTO_PASSTHROUGH server: one chain per service port and DestinationRule subset its hosts
 /// cover, matching the SNI `outbound_.port_.subset_.host` a sidecar sends and proxying the still
