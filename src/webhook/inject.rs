@@ -29,6 +29,9 @@ pub const PROXY_MEMORY_ANNOTATION: &str = "sidecar.istio.io/proxyMemory";
 pub const PROXY_CPU_LIMIT_ANNOTATION: &str = "sidecar.istio.io/proxyCPULimit";
 pub const PROXY_MEMORY_LIMIT_ANNOTATION: &str = "sidecar.istio.io/proxyMemoryLimit";
 pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+/// Pod annotation naming the injection templates; `gateway` makes the pod a gateway proxy.
+pub const TEMPLATES_ANNOTATION: &str = "inject.istio.io/templates";
+pub use crate::registry::network::NETWORK_LABEL;
 pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
 pub const CANONICAL_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
 pub const PROXY_CONTAINER: &str = "istio-proxy";
@@ -471,6 +474,8 @@ fn resources(r: &ProxyResources) -> Value {
 /// Everything derived from the pod and the config that the containers need.
 struct Params<'a> {
     cfg: &'a InjectConfig,
+    /// Istio's `gateway` template: the pod is a gateway (`proxy router`), no traffic capture.
+    gateway: bool,
     namespace: &'a str,
     image: String,
     resources: ProxyResources,
@@ -495,8 +500,11 @@ impl<'a> Params<'a> {
             .flat_map(|c| c.ports.iter().flatten())
             .filter_map(|p| serde_json::to_value(p).ok())
             .collect();
+        let gateway =
+            annotation(pod, TEMPLATES_ANNOTATION).is_some_and(|t| t.split(',').any(|t| t.trim() == "gateway"));
         Self {
             cfg,
+            gateway,
             namespace,
             image: a(PROXY_IMAGE_ANNOTATION)
                 .filter(|i| !i.is_empty())
@@ -507,7 +515,8 @@ impl<'a> Params<'a> {
                 cpu_limit: a(PROXY_CPU_LIMIT_ANNOTATION).unwrap_or_else(|| cfg.resources.cpu_limit.clone()),
                 memory_limit: a(PROXY_MEMORY_LIMIT_ANNOTATION).unwrap_or_else(|| cfg.resources.memory_limit.clone()),
             },
-            native,
+            // A gateway's proxy is its main container, never a native sidecar.
+            native: native && !gateway,
             workload: workload_of(pod),
             app_containers: apps.iter().map(|c| c.name.clone()).collect(),
             pod_ports: serde_json::to_string(&ports).unwrap_or_else(|_| "[]".into()),
@@ -574,7 +583,7 @@ fn proxy_container(p: &Params<'_>, envs: &BTreeMap<String, String>) -> Value {
         "imagePullPolicy": "IfNotPresent",
         "args": [
             "proxy",
-            "sidecar",
+            if p.gateway { "router" } else { "sidecar" },
             "--domain",
             format!("$(POD_NAMESPACE).svc.{}", cfg.domain_suffix),
             "--proxyLogLevel=warning",
@@ -739,7 +748,7 @@ fn mutate(v: &mut Value, pod: &Pod, namespace: &str, cfg: &InjectConfig, envs: &
     let mut containers = take_array(&mut spec_v, "containers");
     let mut inits = take_array(&mut spec_v, "initContainers");
     let mut proxy = proxy_container(&p, envs);
-    let mut init = init_container(&p, pod);
+    let mut init = (!p.gateway).then(|| init_container(&p, pod));
     let user_proxy =
         remove_named(&mut containers, PROXY_CONTAINER).or_else(|| remove_named(&mut inits, PROXY_CONTAINER));
     if let Some(user) = user_proxy {
@@ -748,10 +757,12 @@ fn mutate(v: &mut Value, pod: &Pod, namespace: &str, cfg: &InjectConfig, envs: &
             proxy["restartPolicy"] = json!("Always");
         }
     }
-    if let Some(user) = remove_named(&mut inits, INIT_CONTAINER) {
-        overlay_user_container(&mut init, &user);
+    if let Some(init) = &mut init
+        && let Some(user) = remove_named(&mut inits, INIT_CONTAINER)
+    {
+        overlay_user_container(init, &user);
     }
-    let mut init_names = vec![INIT_CONTAINER];
+    let mut init_names = if init.is_some() { vec![INIT_CONTAINER] } else { vec![] };
     let mut container_names = vec![];
     if p.native {
         inits.insert(0, proxy);
@@ -760,7 +771,7 @@ fn mutate(v: &mut Value, pod: &Pod, namespace: &str, cfg: &InjectConfig, envs: &
         containers.push(proxy);
         container_names.push(PROXY_CONTAINER);
     }
-    inits.push(init);
+    inits.extend(init);
     let mut vols = take_array(&mut spec_v, "volumes");
     vols.retain(|vol| !VOLUMES.contains(&name_of(vol)));
     vols.extend(volumes());
@@ -784,7 +795,13 @@ fn mutate(v: &mut Value, pod: &Pod, namespace: &str, cfg: &InjectConfig, envs: &
         .to_string();
     let tls_mode = label(pod, TLS_MODE_LABEL).unwrap_or("istio").to_string();
     let labels = child(obj(v, "metadata"), "labels");
-    labels.insert(TLS_MODE_LABEL.into(), json!(tls_mode));
+    if !p.gateway {
+        labels.insert(TLS_MODE_LABEL.into(), json!(tls_mode));
+    }
+    // `/inject/.../net/<n>` names the pod's network (istiod's `applyMetadata`).
+    if let Some(network) = envs.get("ISTIO_META_NETWORK").filter(|n| !n.is_empty()) {
+        labels.insert(NETWORK_LABEL.into(), json!(network));
+    }
     labels.insert(CANONICAL_NAME_LABEL.into(), json!(canonical_name));
     labels.insert(CANONICAL_REVISION_LABEL.into(), json!(canonical_revision));
 
@@ -979,6 +996,46 @@ mod tests {
         );
         assert_eq!(workload_of(&p).kind, "CronJob");
         assert_eq!(workload_of(&p).name, "nightly");
+    }
+
+    #[test]
+    fn the_injection_path_network_labels_the_pod() {
+        let envs = path_envs("/inject/cluster/cluster2/net/network2");
+        let (_, out) = inject(&app_pod(), "default", &cfg(), &envs).unwrap();
+        assert_eq!(out["metadata"]["labels"][NETWORK_LABEL], "network2");
+        let proxy = named(&out["spec"]["containers"], PROXY_CONTAINER);
+        assert_eq!(env_of(proxy, "ISTIO_META_NETWORK"), Some("network2"));
+        assert_eq!(env_of(proxy, "ISTIO_META_CLUSTER_ID"), Some("cluster2"));
+        // Plain /inject leaves the label alone (the proxy env still names --network).
+        let (_, out) = inject(&app_pod(), "default", &cfg(), &BTreeMap::new()).unwrap();
+        assert!(out["metadata"]["labels"].get(NETWORK_LABEL).is_none());
+    }
+
+    #[test]
+    fn the_gateway_template_makes_a_router_without_capture() {
+        let p = pod(json!({
+            "metadata": {"name": "istio-eastwestgateway-1", "namespace": "istio-system",
+                "labels": {"istio": "eastwestgateway", "topology.istio.io/network": "network1"},
+                "annotations": {"inject.istio.io/templates": "gateway"}},
+            "spec": {"containers": [{"name": "istio-proxy", "image": "auto",
+                "env": [{"name": "ISTIO_META_REQUESTED_NETWORK_VIEW", "value": "network1"}]}]},
+        }));
+        let envs = path_envs("/inject/cluster/cluster1/net/network1");
+        let (_, out) = inject(&p, "istio-system", &cfg(), &envs).unwrap();
+        let containers = out["spec"]["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), 1, "the gateway's own istio-proxy, filled in");
+        let proxy = &containers[0];
+        assert_eq!(proxy["args"][1], "router");
+        assert_eq!(proxy["image"], "docker.io/istio/proxyv2:1.28.0", "image: auto replaced");
+        assert_eq!(env_of(proxy, "ISTIO_META_REQUESTED_NETWORK_VIEW"), Some("network1"));
+        assert_eq!(env_of(proxy, "ISTIO_META_NETWORK"), Some("network1"));
+        let inits = out["spec"]["initContainers"].as_array().cloned().unwrap_or_default();
+        assert!(inits.iter().all(|c| c["name"] != INIT_CONTAINER), "no traffic capture");
+        assert!(out["metadata"]["labels"].get(TLS_MODE_LABEL).is_none());
+        assert_eq!(out["metadata"]["labels"]["istio"], "eastwestgateway");
+        let status: serde_json::Value =
+            serde_json::from_str(out["metadata"]["annotations"][STATUS_ANNOTATION].as_str().unwrap()).unwrap();
+        assert_eq!(status["initContainers"], json!([]));
     }
 
     #[test]
