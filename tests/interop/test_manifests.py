@@ -1488,6 +1488,8 @@ PLURALS = {
     "RoleBinding": ("rolebindings", True),
     "MutatingWebhookConfiguration": ("mutatingwebhookconfigurations", False),
     "ValidatingWebhookConfiguration": ("validatingwebhookconfigurations", False),
+    "Gateway": ("gateways", True),
+    "VirtualService": ("virtualservices", True),
 }
 
 
@@ -1819,19 +1821,44 @@ def wait_until(what: str, timeout: float, fn, describe=lambda: ""):
 
 
 def test_primary_remote_walkthrough_on_fake_apiservers(tmp_path):
-    """deploy/README.md's walk-through on two fake clusters: the primary overlay and the remote
-    overlay applied, the RBAC in force, the remote secret from `meshd create-remote-secret`
-    applied to the primary, and meshd running as the `istiod` account with the Deployment's own
-    arguments and environment."""
+    """deploy/README.md's walk-through on two fake clusters: the primary overlay, cluster1's
+    east-west gateway, expose-istiod and expose-services applied to the primary, the remote
+    overlay and cluster2's east-west gateway to the remote, the RBAC in force, the remote secret
+    from `meshd create-remote-secret` applied to the primary, and meshd running as the `istiod`
+    account with the Deployment's own arguments and environment."""
     primary = Fake("cluster1", tmp_path / "cluster1")
     remote = Fake("cluster2", tmp_path / "cluster2")
     meshd = None
     try:
+        # Different networks: meshd, cluster1's east-west gateway, expose-istiod and
+        # expose-services in the primary; the remote plumbing and cluster2's gateway in the remote.
         p_objects = render(DEPLOY / "overlays" / "primary-example").objects
         apply_and_read_back(primary, p_objects)
-        apply_and_read_back(remote, render(DEPLOY / "overlays" / "remote-example").objects)
-        assert set(primary.sync_rbac()) == {ISTIOD_USER}
-        assert set(remote.sync_rbac()) == {READER_USER}
+        for d in (CLUSTERS["cluster1"][1], "expose-istiod", "expose-services"):
+            apply_and_read_back(primary, render(DEPLOY / d).objects)
+        for d in (CLUSTERS["cluster2"][2], CLUSTERS["cluster2"][1]):
+            apply_and_read_back(remote, render(DEPLOY / d).objects)
+        assert set(primary.sync_rbac()) == {ISTIOD_USER, EASTWEST_USER}
+        assert set(remote.sync_rbac()) == {READER_USER, EASTWEST_USER}
+
+        # The east-west gateways' accounts read Secrets of istio-system, and nothing more.
+        for fake in (primary, remote):
+            gw_token = fake.control("/token", {"namespace": "istio-system", "serviceAccount": EASTWEST})["token"]
+            fake.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "gw-cert", "namespace": "istio-system"}})
+            check_access(fake, gw_token, allowed=[
+                ("GET", "/api/v1/namespaces/istio-system/secrets"),
+                ("GET", "/api/v1/namespaces/istio-system/secrets/gw-cert"),
+                ("GET", "/api/v1/namespaces/istio-system/secrets?watch=true&timeoutSeconds=1"),
+            ], denied=[
+                ("GET", "/api/v1/namespaces/default/secrets"),
+                ("GET", "/api/v1/secrets"),
+                ("DELETE", "/api/v1/namespaces/istio-system/secrets/gw-cert"),
+                ("POST", "/api/v1/namespaces/istio-system/secrets",
+                 {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x", "namespace": "istio-system"}}),
+                ("GET", "/api/v1/namespaces/istio-system/configmaps"),
+                ("GET", "/apis/networking.istio.io/v1/gateways"),
+            ])
+            fake.ok("DELETE", "/api/v1/namespaces/istio-system/secrets/gw-cert")
 
         # What meshd may do in the primary with the istiod account, and not more.
         istiod_token = primary.control("/token", {"namespace": "istio-system", "serviceAccount": "istiod"})["token"]
@@ -1912,6 +1939,22 @@ def test_primary_remote_walkthrough_on_fake_apiservers(tmp_path):
 
         wait_until("cluster1 and cluster2 synced without errors in /debug/clusterz", CONVERGE_TIMEOUT_S, clusters,
                    lambda: meshd.http_get("monitoring", "/debug/clusterz")[1] + "\n" + meshd.stderr.text()[-4000:])
+
+        # meshd reads expose-istiod and expose-services from the primary (with the istiod
+        # account's RBAC) and the east-west gateway Services of both clusters.
+        def registry():
+            status, body = meshd.http_get("monitoring", "/debug/registryz")
+            assert status == 200, body
+            dump = json.loads(body)
+            config = {k: set(v) for k, v in dump["config"].items()}
+            ew = [svc for svc in dump["services"] if svc["hostname"] == f"{EASTWEST}.istio-system.svc.cluster.local"]
+            return (config["gateways"] >= {"istio-system/istiod-gateway", "istio-system/cross-network-gateway"}
+                    and config["virtual_services"] >= {"istio-system/istiod-vs"}
+                    and len(ew) == 1 and ew[0]["defined"]
+                    and {p["name"]: p["port"] for p in ew[0]["ports"]} == EASTWEST_PORTS)
+
+        wait_until("the Istio objects and the east-west gateway Service in /debug/registryz", CONVERGE_TIMEOUT_S, registry,
+                   lambda: meshd.http_get("monitoring", "/debug/registryz")[1][:4000] + "\n" + meshd.stderr.text()[-4000:])
 
         def root_cm(fake: Fake, ns: str):
             status, cm = fake.call("GET", f"/api/v1/namespaces/{ns}/configmaps/istio-ca-root-cert")
