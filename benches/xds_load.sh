@@ -5,7 +5,8 @@
 #
 # Environment knobs (defaults in brackets):
 #   STREAMS ["1000,10000"]  DELTA_PERCENT [50]  SERVICES [1000]  CHANGES [10]  PUSHES [5]
-#   STREAMS_PER_CONN [1]  RUNS [3]  NO_BUILD [unset; 1 reuses the built binaries]
+#   STREAMS_PER_CONN [1]  RUNS [3]  NETWORKS [1; 2 splits clusters and proxies over two networks]
+#   NO_BUILD [unset; 1 reuses the built binaries]
 #   OUT [a new temp dir; every run's JSON summary and log is kept there]
 #   EXTRA [unset; more xds_bench flags]
 set -euo pipefail
@@ -18,6 +19,7 @@ SERVICES=${SERVICES:-1000}
 CHANGES=${CHANGES:-10}
 PUSHES=${PUSHES:-5}
 STREAMS_PER_CONN=${STREAMS_PER_CONN:-1}
+NETWORKS=${NETWORKS:-1}
 RUNS=${RUNS:-3}
 
 command -v jq >/dev/null || { echo "xds_load.sh: jq is required" >&2; exit 1; }
@@ -41,7 +43,7 @@ for run in $(seq 1 "$RUNS"); do
     # shellcheck disable=SC2086
     target/release/examples/xds_bench --meshd target/release/meshd --streams "$STREAMS" \
         --delta-percent "$DELTA_PERCENT" --services "$SERVICES" --changes "$CHANGES" \
-        --pushes "$PUSHES" --streams-per-conn "$STREAMS_PER_CONN" \
+        --pushes "$PUSHES" --streams-per-conn "$STREAMS_PER_CONN" --networks "$NETWORKS" \
         --json-out "$OUT/run$run.json" ${EXTRA:-} >/dev/null 2> >(tee "$OUT/run$run.log" >&2)
 done
 
@@ -52,7 +54,7 @@ jq -s -r '
   def f: if type == "number" then . * 10 | round / 10 else "-" end;
   (.[0].scenarios | map(.streams)) as $ns
   | ["streams", "runs", "KiB/stream", "RSS MiB", "sync s", "eds p50 ms", "eds p99 ms", "eds max ms",
-     "push p50 ms", "push max ms", "share eds", "share full"],
+     "push p50 ms", "push max ms", "share eds", "share full", "eds KiB/chg"],
     ($ns[] as $n
      | [.[] | .scenarios[] | select(.streams == $n)] as $s
      | [$n, ($s | length),
@@ -65,5 +67,6 @@ jq -s -r '
         ($s | map(.full_push_p50_ms_median) | median | f),
         ($s | map(.full_push_max_ms_median) | median | f),
         ($s | map(.share_endpoint_change.ratio) | median | f),
-        ($s | map(.share_full_push.ratio) | median | f)])
+        ($s | map(.share_full_push.ratio) | median | f),
+        ($s | map(.eds_bytes_per_change_median / 1024) | median | f)])
   | @tsv' "$OUT"/run*.json | column -t -s "$(printf '\t')"

@@ -65,6 +65,10 @@ struct Args {
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// 2 puts each cluster on its own network (system-namespace label, an east-west gateway
+    /// Service with a LoadBalancer address) and the proxies on their cluster's network.
+    #[arg(long, default_value_t = 1)]
+    networks: usize,
     /// Abort a stream count (recorded as failed) when meshd's RSS passes this, so a run cannot
     /// exhaust the shared machine's memory.
     #[arg(long, default_value_t = 13312)]
@@ -125,10 +129,26 @@ fn service_obj(name: &str, namespace: &str, ports: &[(&str, u16, u16)]) -> Value
     })
 }
 
+/// The network of cluster `c` when the mesh has two.
+fn network(c: usize) -> String {
+    format!("network{}", c + 1)
+}
+
 impl MeshBuilder {
-    fn seed(&mut self, apis: &[&FakeApiServer; 2]) -> anyhow::Result<()> {
+    fn seed(&mut self, apis: &[&FakeApiServer; 2], networks: usize) -> anyhow::Result<()> {
         for (c, api) in apis.iter().enumerate() {
             api.ensure_namespace("istio-system")?;
+            if networks > 1 {
+                api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                    "name": "istio-system", "labels": {"topology.istio.io/network": network(c)}}}))?;
+                api.apply(json!({
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": "istio-eastwestgateway", "namespace": "istio-system",
+                                 "labels": {"istio": "eastwestgateway", "topology.istio.io/network": network(c)}},
+                    "spec": {"type": "LoadBalancer", "ports": [{"name": "tls", "port": 15443, "targetPort": 15443, "protocol": "TCP"}]},
+                    "status": {"loadBalancer": {"ingress": [{"ip": format!("192.0.2.{}", c + 1)}]}},
+                }))?;
+            }
             for n in 0..self.namespaces {
                 api.ensure_namespace(&ns(n, self.namespaces))?;
             }
@@ -157,7 +177,7 @@ impl MeshBuilder {
                     let pod = format!("{name}-{cluster}-{k}");
                     api.apply(json!({
                         "apiVersion": "v1", "kind": "Pod",
-                        "metadata": {"name": pod, "namespace": namespace, "labels": {"app": name, "version": "v1"}},
+                        "metadata": {"name": pod, "namespace": namespace, "labels": {"app": name, "version": "v1", "security.istio.io/tlsMode": "istio"}},
                         "spec": {"serviceAccountName": name, "nodeName": format!("node-{cluster}"), "containers": [{"name": "app", "image": "app"}]},
                         "status": {"podIP": ip, "phase": "Running"},
                     }))?;
@@ -408,6 +428,11 @@ struct Scenario {
     /// (d)
     share_initial: Share,
     share_endpoint_change: Share,
+    /// Networks of the mesh (1, or 2 with split-horizon EDS).
+    networks: usize,
+    /// meshd_xds_eds_bytes_encoded per endpoint change (every network view it touched).
+    eds_bytes_per_change: Vec<f64>,
+    eds_bytes_per_change_median: f64,
     share_full_push: Share,
     errors: usize,
     meshd_push_convergence_count: f64,
@@ -486,8 +511,13 @@ async fn measure(
         c.delta_percent = args.delta_percent;
         c.streams_per_conn = args.streams_per_conn;
         c.namespaces = namespaces.clone();
+        if args.networks > 1 {
+            // Stream i is in cluster_ids[i % 2]: put it on that cluster's network.
+            c.networks = (0..2).map(network).collect();
+        }
         c
     };
+    out.networks = args.networks;
     // Warm the push context's caches (one proxy of each flavour and class), so the baseline
     // holds the per-mesh state and the delta is per-stream state only.
     {
@@ -587,8 +617,22 @@ async fn measure(
         let (c, slice) = mesh.slices[s][0].clone();
         let addr = format!("10.200.{}.{}", k / 250, k % 250 + 1);
         let mut changed = slice.clone();
+        let mut new_ep = json!({"addresses": [addr], "conditions": {"ready": true}, "nodeName": "node-cluster2"});
+        if args.networks > 1 {
+            // An injected pod: the other network sees it as more weight on cluster2's gateway.
+            let namespace = slice["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+            let pod = format!("change-{k}");
+            apis[c].apply(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": pod, "namespace": namespace,
+                             "labels": {"app": format!("svc-{s}"), "version": "v1", "security.istio.io/tlsMode": "istio"}},
+                "spec": {"serviceAccountName": format!("svc-{s}"), "nodeName": "node-cluster2", "containers": [{"name": "app", "image": "app"}]},
+                "status": {"podIP": addr, "phase": "Running"},
+            }))?;
+            new_ep["targetRef"] = json!({"kind": "Pod", "name": pod, "namespace": namespace});
+        }
         if let Some(eps) = changed["endpoints"].as_array_mut() {
-            eps.push(json!({"addresses": [addr], "conditions": {"ready": true}, "nodeName": "node-cluster2"}));
+            eps.push(new_ep);
         }
         let available = mem_available_mib();
         if available < args.min_available_mib {
@@ -597,19 +641,33 @@ async fn measure(
         let m_change = meshd.metrics().await?;
         let cpu_change = meshd.cpu_s();
         let before = if k == 0 { Some(m_change.clone()) } else { None };
+        // With two networks only the change's own network sees the pod's address; the other
+        // one sees its cluster's gateway endpoint change weight (a new EDS response).
+        let sees_address = |index: usize| args.networks < 2 || index % 2 == c;
+        let eds_at_change: Vec<u64> = client.streams().iter().map(|s| s.responses(load::EDS)).collect();
         client.arm_probe(&addr);
         let t = Instant::now();
         apis[c].apply(changed)?;
         client
             .wait_all("the new endpoint", Duration::from_secs(120), |st| {
-                st.probe_at().is_some()
+                if sees_address(st.index) {
+                    st.probe_at().is_some()
+                } else {
+                    st.responses(load::EDS) > eds_at_change[st.index]
+                }
             })
             .await?;
         let at = client.since_base(t);
         let lat: Vec<Duration> = client
             .streams()
             .iter()
-            .filter_map(|st| st.probe_at())
+            .filter_map(|st| {
+                if sees_address(st.index) {
+                    st.probe_at()
+                } else {
+                    st.last_at(load::EDS)
+                }
+            })
             .map(|p| p.saturating_sub(at))
             .collect();
         let l = latency(lat);
@@ -619,6 +677,8 @@ async fn measure(
         );
         out.endpoint_changes.push(l);
         let m_after = meshd.metrics().await?;
+        let eds_bytes = |t: &str| load::metric(t, "meshd_xds_eds_bytes_encoded").unwrap_or(0.0);
+        out.eds_bytes_per_change.push(eds_bytes(&m_after) - eds_bytes(&m_change));
         let conv = |t: &str, n: &str| load::metric(t, n).unwrap_or(0.0);
         let (sum, count) = (
             conv(&m_after, "pilot_proxy_convergence_time_sum") - conv(&m_change, "pilot_proxy_convergence_time_sum"),
@@ -648,6 +708,7 @@ async fn measure(
     out.endpoint_p50_ms_median = median(lats.iter().map(|l| l.p50_ms).collect());
     out.endpoint_p99_ms_median = median(lats.iter().map(|l| l.p99_ms).collect());
     out.endpoint_max_ms_median = median(lats.iter().map(|l| l.max_ms).collect());
+    out.eds_bytes_per_change_median = median(out.eds_bytes_per_change.clone());
     out.endpoint_p99_ms_all = lats.iter().map(|l| l.p99_ms).fold(f64::NAN, f64::max);
 
     // (c) full pushes: a new Service on a new port in the primary (new cluster, listener, route).
@@ -735,7 +796,7 @@ async fn main() -> anyhow::Result<()> {
         slices: Vec::new(),
         total_endpoints: 0,
     };
-    mesh.seed(&apis)?;
+    mesh.seed(&apis, args.networks)?;
     eprintln!(
         "mesh: {} services, {} endpoint addresses×ports, seeded in {:.1}s",
         args.services,

@@ -75,6 +75,8 @@ pub struct LoadConfig {
     pub cluster_ids: Vec<String>,
     /// Namespace of stream i is `namespaces[i % len]`.
     pub namespaces: Vec<String>,
+    /// `NETWORK` of stream i is `networks[i % len]` (none when empty).
+    pub networks: Vec<String>,
     /// Stream i's IP is [`proxy_ip`]`(ip_offset + i)`.
     pub ip_offset: usize,
     /// Connections being set up at the same time.
@@ -93,6 +95,7 @@ impl LoadConfig {
             delta_percent: 50,
             cluster_ids: vec!["cluster1".into(), "cluster2".into()],
             namespaces: vec!["default".into()],
+            networks: Vec::new(),
             ip_offset: 0,
             connect_concurrency: 64,
             stream_window: 256 << 20,
@@ -139,6 +142,10 @@ pub fn node(cfg: &LoadConfig, i: usize) -> Node {
         ("POD_NAME", &format!("load-{i}")),
     ] {
         md.fields.insert(k.into(), string_value(v));
+    }
+    if !cfg.networks.is_empty() {
+        let network = &cfg.networks[i % cfg.networks.len()];
+        md.fields.insert("NETWORK".into(), string_value(network));
     }
     md.fields.insert(
         "LABELS".into(),

@@ -162,6 +162,8 @@ struct Shared {
     new_streams: crate::limits::rate::RateLimiter,
     rate_refused: Arc<crate::admin::metrics::Counter>,
     write_timeouts: Arc<crate::admin::metrics::Counter>,
+    /// Exported only: counted where EDS is encoded.
+    _eds_bytes: Arc<crate::admin::metrics::Counter>,
 }
 
 /// Tunables of the xDS server (see the matching flags in src/config.rs).
@@ -211,6 +213,11 @@ impl XdsServer {
                 new_streams: crate::limits::rate::RateLimiter::new(settings.new_streams_per_second, 1),
                 rate_refused: limits.counter("new_stream_rate"),
                 write_timeouts: registry.counter("pilot_xds_write_timeout", "Pilot XDS response write timeouts."),
+                _eds_bytes: registry.counter_from(
+                    "meshd_xds_eds_bytes_encoded",
+                    "Bytes of ClusterLoadAssignments encoded (once per network view and host change)",
+                    super::generators::eds::encoded_bytes(),
+                ),
                 settings,
                 auth,
                 current: ArcSwap::from_pointee(PushContext::initial(Arc::from(super::push::new_epoch()), snapshot)),

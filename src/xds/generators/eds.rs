@@ -21,6 +21,13 @@ use crate::xds::push::PushContext;
 use crate::xds::resource::Resource;
 use crate::xds::types;
 
+/// Bytes of ClusterLoadAssignments encoded, process-wide (`meshd_xds_eds_bytes_encoded`): with
+/// encode-once per view, an endpoint change costs its hosts' assignments times the views in use.
+pub fn encoded_bytes() -> Arc<crate::admin::metrics::Counter> {
+    static C: std::sync::OnceLock<Arc<crate::admin::metrics::Counter>> = std::sync::OnceLock::new();
+    Arc::clone(C.get_or_init(Default::default))
+}
+
 fn socket_address(ip: &std::net::IpAddr, port: u16) -> Option<Address> {
     Some(Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
@@ -188,7 +195,9 @@ pub fn host_resources(push: &PushContext, view: &EdsView, host: &str) -> Vec<Arc
                     mtls_only,
                 };
                 let cla = assignment(&input, view, networks);
-                out.push(Arc::new(Resource::new(&name, types::ENDPOINT, &cla)));
+                let r = Resource::new(&name, types::ENDPOINT, &cla);
+                encoded_bytes().add(r.any.len() as u64);
+                out.push(Arc::new(r));
             }
         }
     }
