@@ -212,8 +212,9 @@ async fn services_and_endpoints_of_two_clusters_merge_into_one_host() {
         let (cluster, network, region) = if e.address.to_string().starts_with("10.1.") {
             ("cluster1", "network1", "us-east1")
         } else {
-            // cluster2's istio-system has no network label: --network applies.
-            ("cluster2", "default-net", "us-west1")
+            // cluster2's istio-system has no network label and --network names the primary's
+            // default only (cluster1's label wins there): no network.
+            ("cluster2", "", "us-west1")
         };
         assert_eq!(e.cluster_id, cluster, "{e:?}");
         assert_eq!(e.network, network, "{e:?}");
