@@ -203,3 +203,119 @@ pub fn host_resources(push: &PushContext, view: &EdsView, host: &str) -> Vec<Arc
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ServiceKey;
+    use crate::registry::model::{Locality, Protocol, ServicePort};
+    use crate::registry::network::{MeshNetworks, NETWORK_LABEL};
+    use crate::registry::store::{ClusterShard, ShardService};
+    use crate::xds::generators::split_horizon::TLS_MODE_LABEL;
+
+    fn ep(ip: &str, network: &str, cluster: &str, version: &str) -> model::Endpoint {
+        model::Endpoint {
+            address: ip.parse().unwrap(),
+            service_port_name: "http".into(),
+            port: 8080,
+            cluster_id: cluster.into(),
+            network: network.into(),
+            locality: Locality::default(),
+            labels: [
+                ("version".to_string(), version.to_string()),
+                (TLS_MODE_LABEL.to_string(), "istio".to_string()),
+            ]
+            .into(),
+            service_account: None,
+            pod_name: None,
+            ready: true,
+        }
+    }
+
+    fn weights(c: &ClusterLoadAssignment) -> Vec<(String, u32)> {
+        c.endpoints
+            .iter()
+            .flat_map(|l| &l.lb_endpoints)
+            .map(|e| {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    unreachable!()
+                };
+                let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    unreachable!()
+                };
+                let Some(socket_address::PortSpecifier::PortValue(p)) = sa.port_specifier else {
+                    unreachable!()
+                };
+                (format!("{}:{p}", sa.address), e.load_balancing_weight.unwrap().value)
+            })
+            .collect()
+    }
+
+    /// Subsets are chosen before the network filter: a gateway's weight counts only the remote
+    /// pods of the subset, and a subset with none there has no gateway endpoint.
+    #[test]
+    fn subsets_are_filtered_before_gateways_replace_remote_endpoints() {
+        let svc = Service {
+            key: ServiceKey::new("default", "echo"),
+            hostname: "echo.default.svc.cluster.local".into(),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Http,
+            }],
+            labels: BTreeMap::new(),
+            cluster_ips: BTreeMap::new(),
+        };
+        let eps = vec![
+            ep("10.1.0.1", "n1", "c1", "v1"),
+            ep("10.2.0.1", "n2", "c2", "v1"),
+            ep("10.2.0.2", "n2", "c2", "v1"),
+            ep("10.2.0.3", "n2", "c2", "v2"),
+        ];
+        let mut shards: BTreeMap<String, ClusterShard> = BTreeMap::new();
+        shards.entry("c2".into()).or_default().services.insert(
+            ServiceKey::new("istio-system", "ew"),
+            ShardService {
+                ports: vec![ServicePort {
+                    name: "tls".into(),
+                    port: 15443,
+                    protocol: Protocol::Tls,
+                }],
+                labels: [(NETWORK_LABEL.to_string(), "n2".to_string())].into(),
+                external_addresses: vec!["2.2.2.2".into()],
+                ..Default::default()
+            },
+        );
+        let networks = NetworkIndex::build(&shards, &MeshNetworks::default(), &BTreeMap::new());
+        let view = EdsView {
+            network: "n1".into(),
+            v4: true,
+            ..Default::default()
+        };
+        let run = |subset: &str, labels: Option<&BTreeMap<String, String>>| {
+            let input = AssignmentInput {
+                name: "x",
+                svc: &svc,
+                endpoints: &eps,
+                port: 80,
+                subset,
+                subset_labels: labels,
+                dr: None,
+                mtls_only: false,
+            };
+            assignment(&input, &view, &networks)
+        };
+        let version = |v: &str| BTreeMap::from([("version".to_string(), v.to_string())]);
+        assert_eq!(
+            weights(&run("", None)),
+            vec![("10.1.0.1:8080".into(), 1), ("2.2.2.2:15443".into(), 3)]
+        );
+        assert_eq!(
+            weights(&run("v1", Some(&version("v1")))),
+            vec![("10.1.0.1:8080".into(), 1), ("2.2.2.2:15443".into(), 2)]
+        );
+        let none = run("v3", Some(&version("v3")));
+        assert!(none.endpoints.is_empty(), "no v3 anywhere: no gateway either");
+    }
+}
