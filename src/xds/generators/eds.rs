@@ -16,7 +16,7 @@ use super::split_horizon::{self, EdsView, Target};
 use super::{cds, names};
 use crate::registry::istio::DestinationRuleSpec;
 use crate::registry::model::{self, Service};
-use crate::registry::network::{NetworkGateway, NetworkIndex};
+use crate::registry::network::NetworkIndex;
 use crate::xds::push::PushContext;
 use crate::xds::resource::Resource;
 use crate::xds::types;
@@ -44,28 +44,18 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-fn fields(pairs: &[(&str, Value)]) -> Value {
-    Value {
-        kind: Some(value::Kind::StructValue(Struct {
-            fields: pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-        })),
-    }
-}
-
-/// A gateway standing in for a remote network's endpoints: `tlsMode: istio` (the client must
-/// originate mesh mTLS, which the gateway passes through) and istiod's telemetry label with only
-/// the cluster known.
-fn gateway_metadata(g: &NetworkGateway) -> Metadata {
-    let tls = fields(&[("tlsMode", string_value("istio"))]);
-    let istio = fields(&[("workload", string_value(&format!(";;;;{}", g.cluster)))]);
-    let mut filter_metadata = std::collections::HashMap::new();
-    for (k, v) in [("envoy.transport_socket_match", tls), ("istio", istio)] {
-        if let Some(value::Kind::StructValue(s)) = v.kind {
-            filter_metadata.insert(k.to_string(), s);
-        }
-    }
+/// A gateway standing in for a remote network's endpoints: `tlsMode: istio`, so the client
+/// originates mesh mTLS, which the gateway passes through. (istiod also adds a telemetry label
+/// `istio: {workload: ";;;;<cluster>"}` for Istio's stats filter, which meshd's config does not
+/// use; leaving it out keeps a gateway endpoint as small as a pod's.)
+fn gateway_metadata() -> Metadata {
+    let tls = Struct {
+        fields: [("tlsMode".to_string(), string_value("istio"))].into_iter().collect(),
+    };
     Metadata {
-        filter_metadata,
+        filter_metadata: [("envoy.transport_socket_match".to_string(), tls)]
+            .into_iter()
+            .collect(),
         ..Default::default()
     }
 }
@@ -73,7 +63,7 @@ fn gateway_metadata(g: &NetworkGateway) -> Metadata {
 fn lb_endpoint(w: &split_horizon::Weighted<'_>) -> LbEndpoint {
     let (address, metadata) = match &w.target {
         Target::Pod(e) => (socket_address(&e.address, e.port), None),
-        Target::Gateway(g) => (socket_address(&g.addr, g.port), Some(gateway_metadata(g))),
+        Target::Gateway(g) => (socket_address(&g.addr, g.port), Some(gateway_metadata())),
     };
     LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
