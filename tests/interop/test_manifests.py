@@ -23,7 +23,8 @@
    does not evaluate RBAC objects by itself), `meshd create-remote-secret` run against the remote
    without --create-service-account, and the resulting tokens checked against what meshd needs;
    then meshd itself runs with the Deployment's arguments and environment against the primary
-   and reaches the remote through the applied remote secret.
+   and reaches the remote through the applied remote secret, and finds both networks' east-west
+   gateways from their Services.
 """
 
 from __future__ import annotations
@@ -1825,7 +1826,9 @@ def test_primary_remote_walkthrough_on_fake_apiservers(tmp_path):
     east-west gateway, expose-istiod and expose-services applied to the primary, the remote
     overlay and cluster2's east-west gateway to the remote, the RBAC in force, the remote secret
     from `meshd create-remote-secret` applied to the primary, and meshd running as the `istiod`
-    account with the Deployment's own arguments and environment."""
+    account with the Deployment's own arguments and environment: it reads the Istio objects, and
+    once the load balancers give the east-west gateway Services an address, takes them as the
+    gateways of network1 (cluster1) and network2 (cluster2) on 15443."""
     primary = Fake("cluster1", tmp_path / "cluster1")
     remote = Fake("cluster2", tmp_path / "cluster2")
     meshd = None
@@ -1949,12 +1952,33 @@ def test_primary_remote_walkthrough_on_fake_apiservers(tmp_path):
             config = {k: set(v) for k, v in dump["config"].items()}
             ew = [svc for svc in dump["services"] if svc["hostname"] == f"{EASTWEST}.istio-system.svc.cluster.local"]
             return (config["gateways"] >= {"istio-system/istiod-gateway", "istio-system/cross-network-gateway"}
-                    and config["virtual_services"] >= {"istio-system/istiod-vs"}
+                    and config["virtualServices"] >= {"istio-system/istiod-vs"}
                     and len(ew) == 1 and ew[0]["defined"]
                     and {p["name"]: p["port"] for p in ew[0]["ports"]} == EASTWEST_PORTS)
 
         wait_until("the Istio objects and the east-west gateway Service in /debug/registryz", CONVERGE_TIMEOUT_S, registry,
                    lambda: meshd.http_get("monitoring", "/debug/registryz")[1][:4000] + "\n" + meshd.stderr.text()[-4000:])
+
+        # The load balancers give both east-west gateways an address (what a cloud controller
+        # writes into the status); meshd then has one gateway per network, on 15443, at that
+        # address: its network from the Service label, its cluster from where it was found.
+        gw_ips = {"cluster1": EXAMPLE_LB_IP, "cluster2": "203.0.113.20"}
+        for fake, name in ((primary, "cluster1"), (remote, "cluster2")):
+            fake.ok("PATCH", f"/api/v1/namespaces/istio-system/services/{EASTWEST}/status",
+                    {"status": {"loadBalancer": {"ingress": [{"ip": gw_ips[name]}]}}},
+                    content_type="application/merge-patch+json")
+
+        def network_gateways():
+            status, body = meshd.http_get("monitoring", "/debug/networkz")
+            assert status == 200, body
+            dump = json.loads(body)
+            got = {(g["network"], g["cluster"], g["port"], g["address"], tuple(g["resolved"]), g["problem"])
+                   for g in dump["gateways"]}
+            want = {(CLUSTERS[c][0], c, EASTWEST_PORTS["tls"], ip, (ip,), None) for c, ip in gw_ips.items()}
+            return dump["multiNetwork"] is True and got == want
+
+        wait_until("both east-west gateways in /debug/networkz", CONVERGE_TIMEOUT_S, network_gateways,
+                   lambda: meshd.http_get("monitoring", "/debug/networkz")[1][:4000] + "\n" + meshd.stderr.text()[-4000:])
 
         def root_cm(fake: Fake, ns: str):
             status, cm = fake.call("GET", f"/api/v1/namespaces/{ns}/configmaps/istio-ca-root-cert")
