@@ -1337,9 +1337,10 @@ def test_meshd_admits_the_istio_objects_of_deploy(standalone_meshd):
 
 def test_meshd_injects_the_eastwest_gateway_pod(standalone_meshd):
     """The cluster2 gateway's pod template sent to meshd's /inject at cluster2's path, as the remote
-    API server sends it through cluster1's east-west gateway: admitted, `auto` replaced by the
-    proxy image, and the network settings reach the proxy (REQUESTED_NETWORK_VIEW kept, cluster
-    and network from the path and the pod label)."""
+    API server sends it through cluster1's east-west gateway: admitted, made a router by the
+    `gateway` template (no istio-init), `auto` replaced by the proxy image, and the network
+    settings reach the proxy (REQUESTED_NETWORK_VIEW kept, cluster and network from the path and
+    the pod label)."""
     network, ew_dir, cluster_dir = CLUSTERS["cluster2"]
     [hook_path] = {h["clientConfig"]["service"]["path"] for h in
                    find(render(DEPLOY / cluster_dir).objects, "MutatingWebhookConfiguration", "istio-sidecar-injector")["webhooks"]}
@@ -1350,7 +1351,10 @@ def test_meshd_injects_the_eastwest_gateway_pod(standalone_meshd):
     assert resp["allowed"] is True, resp
     assert resp.get("patchType") == "JSONPatch", resp
     injected = json6902(pod, json.loads(base64.b64decode(resp["patch"])))
-    [proxy] = [c for c in injected["spec"]["containers"] if c["name"] == "istio-proxy"]
+    # The `gateway` template: the pod's own istio-proxy filled in as a router, no traffic capture.
+    [proxy] = injected["spec"]["containers"]
+    assert proxy["name"] == "istio-proxy" and proxy["args"][:2] == ["proxy", "router"], proxy.get("args")
+    assert "istio-init" not in [c["name"] for c in injected["spec"].get("initContainers", [])]
     assert proxy["image"] != "auto" and proxy["image"] == config_default("MESHD_PROXY_IMAGE"), proxy["image"]
     env = env_of(proxy)
     assert env["ISTIO_META_REQUESTED_NETWORK_VIEW"] == network
