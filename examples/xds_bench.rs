@@ -678,7 +678,8 @@ async fn measure(
         out.endpoint_changes.push(l);
         let m_after = meshd.metrics().await?;
         let eds_bytes = |t: &str| load::metric(t, "meshd_xds_eds_bytes_encoded").unwrap_or(0.0);
-        out.eds_bytes_per_change.push(eds_bytes(&m_after) - eds_bytes(&m_change));
+        out.eds_bytes_per_change
+            .push(eds_bytes(&m_after) - eds_bytes(&m_change));
         let conv = |t: &str, n: &str| load::metric(t, n).unwrap_or(0.0);
         let (sum, count) = (
             conv(&m_after, "pilot_proxy_convergence_time_sum") - conv(&m_change, "pilot_proxy_convergence_time_sum"),
