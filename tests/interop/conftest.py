@@ -346,7 +346,7 @@ class Meshd:
 
 
 def start_meshd(data_dir: Path, *extra_args: str, grpc_host: str = "127.0.0.1",
-                plaintext_host: str = "127.0.0.1") -> Meshd:
+                plaintext_host: str = "127.0.0.1", webhook_host: str = "127.0.0.1") -> Meshd:
     """Starts `meshd serve` on ephemeral ports (loopback unless grpc_host / plaintext_host say
     otherwise: pods of the netns harness need netns.MESHD_HOST_FOR_PODS) and waits for its four
     listener lines."""
@@ -359,7 +359,7 @@ def start_meshd(data_dir: Path, *extra_args: str, grpc_host: str = "127.0.0.1",
         "--plaintext-addr", f"{plaintext_host}:0",
         "--monitoring-addr", "127.0.0.1:0",
         "--ready-addr", "127.0.0.1:0",
-        "--webhook-addr", "127.0.0.1:0",
+        "--webhook-addr", f"{webhook_host}:0",
         "--log-format", "text",
         "--log-level", "info",
         "--shutdown-duration", "2s",
@@ -401,9 +401,11 @@ class MeshdLauncher:
         self._tmp = tmp_path_factory
         self._started: list[Meshd] = []
 
-    def start(self, *extra_args: str, grpc_host: str = "127.0.0.1", plaintext_host: str = "127.0.0.1") -> Meshd:
+    def start(self, *extra_args: str, grpc_host: str = "127.0.0.1", plaintext_host: str = "127.0.0.1",
+              webhook_host: str = "127.0.0.1") -> Meshd:
         data_dir = self._tmp.mktemp("meshd-data")
-        m = start_meshd(data_dir, *extra_args, grpc_host=grpc_host, plaintext_host=plaintext_host)
+        m = start_meshd(data_dir, *extra_args, grpc_host=grpc_host, plaintext_host=plaintext_host,
+                        webhook_host=webhook_host)
         self._started.append(m)
         return m
 

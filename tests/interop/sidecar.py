@@ -464,18 +464,22 @@ def start_sidecar(
     metadata: dict | None = None,
     proxy_type: str = "sidecar",
     ready_timeout: float = START_TIMEOUT_S,
+    discovery_addr: tuple[str, int] | None = None,
 ) -> Sidecar:
     """istio-agent + Envoy for `pod` against `meshd` (a conftest Meshd listening where pods reach
     it, MESHD_HOST_FOR_PODS). `network` defaults to the pod's first network's name; `token` to
     one from meshd's standalone issuer for the pod's namespace and service account; `xds` is
     "tls" (meshd's 15012-style port, token + clusterid metadata) or "plaintext". proxy_type
     "router" makes it a gateway (e.g. an east-west gateway: labels from the pod, listeners
-    bound on every address of the pod, no capture needed). Ended by the lab's close()."""
+    bound on every address of the pod, no capture needed). `discovery_addr` is where the pod
+    reaches meshd's TLS port for certificates and xDS when that is not meshd's own listener (a
+    remote network's pods dial the east-west gateway's LoadBalancer IP:15012). Ended by the lab's
+    close()."""
     envoy_binary()  # fail early (never skip) when there is none
     network = pod.network.name if network is None else network
     if token is None:
         token = meshd.token(pod.namespace, pod.service_account)
-    ca_addr = _pod_reachable(pod, meshd, "grpc-tls")
+    ca_addr = discovery_addr or _pod_reachable(pod, meshd, "grpc-tls")
     agent = IstioAgent(pod, ca_addr=ca_addr, root_pem=meshd.root_pem, token=token, cluster_id=cluster_id)
     pod.lab.on_close(agent.stop)
     agent.fetch_certificate()
