@@ -731,3 +731,63 @@ async fn a_remote_that_may_not_read_nodes_still_serves_its_endpoints() {
     )
     .await;
 }
+
+fn istio_configmap(mesh_networks: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": "istio-system"},
+        "data": {"mesh": "trustDomain: cluster.local\n", "meshNetworks": mesh_networks},
+    })
+}
+
+/// meshNetworks from the primary's `istio` ConfigMap: applied, hot-reloaded, a broken update
+/// keeps the last good networks (and says so in /debug/networkz), deleting it clears them.
+#[tokio::test]
+async fn mesh_networks_follow_the_istio_configmap() {
+    let m = mesh().await;
+    let store = m.store();
+    let gateways = |store: &MeshStore| {
+        store
+            .snapshot()
+            .networks
+            .gateways
+            .iter()
+            .map(|g| format!("{}/{}", g.network, g.addr))
+            .collect::<Vec<_>>()
+    };
+    let networks = |addr: &str| {
+        format!(
+            "networks:\n  vm:\n    endpoints: [{{fromCidr: 10.9.0.0/16}}]\n    gateways: [{{address: {addr}, port: 15443}}]\n"
+        )
+    };
+    m.primary.apply(istio_configmap(&networks("203.0.113.7"))).unwrap();
+    eventually("the ConfigMap's gateway", WAIT, async || {
+        gateways(&store) == ["vm/203.0.113.7"]
+    })
+    .await;
+    m.primary.apply(istio_configmap(&networks("203.0.113.8"))).unwrap();
+    eventually("the edit", WAIT, async || gateways(&store) == ["vm/203.0.113.8"]).await;
+
+    m.primary
+        .apply(istio_configmap(
+            "networks: {vm: {gateways: [{address: 1.2.3.4, port: 1}]}}",
+        ))
+        .unwrap();
+    let url = m.meshd.m().addrs.monitoring;
+    let mut body = String::new();
+    eventually("the refusal in networkz", WAIT, async || {
+        body = http_get(url, "/debug/networkz", &[]).await.1;
+        body.contains("at least one endpoint")
+    })
+    .await;
+    assert!(body.contains("ConfigMap istio-system/istio"), "{body}");
+    assert_eq!(gateways(&store), ["vm/203.0.113.8"], "the last good networks stay");
+    assert!(m.meshd.metric("meshd_mesh_config_errors") >= 1.0);
+
+    m.primary
+        .delete(&ResourceType::core("configmaps"), "istio-system", "istio");
+    eventually("deleting the ConfigMap clears meshNetworks", WAIT, async || {
+        gateways(&store).is_empty()
+    })
+    .await;
+}
