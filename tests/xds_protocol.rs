@@ -604,3 +604,69 @@ async fn streams_wait_for_a_starting_server_then_get_unavailable() {
     );
     assert!(started.elapsed() >= meshd::xds::server::NOT_READY_WAIT - Duration::from_millis(100));
 }
+
+/// A proxy that goes away (its connection closed with a GOAWAY, or its TCP connection simply
+/// dropped, as when a process exits) ends its stream as a normal close: not counted or logged
+/// as a stream error.
+#[tokio::test]
+async fn a_proxy_going_away_is_a_normal_close_not_an_error() {
+    let t = start().await;
+    seed_and_wait(&t, &["10.0.0.1"]).await;
+    let connected = |t: &TestMeshd| t.metric("pilot_xds{version=\"meshd\"}");
+
+    // 1. A gRPC client that closes its connection.
+    let ch = plaintext(&t).await;
+    let mut s = Sotw::open(ch.clone(), None).await.unwrap();
+    s.send(req(CDS, &[], "", Some(gateway_node()))).await;
+    s.recv().await.unwrap();
+    eventually("one proxy connected", Duration::from_secs(5), async || {
+        connected(&t) == 1.0
+    })
+    .await;
+    drop(s);
+    drop(ch);
+    eventually("the stream is gone", Duration::from_secs(10), async || {
+        connected(&t) == 0.0
+    })
+    .await;
+
+    // 2. A raw HTTP/2 connection dropped mid-stream, without a GOAWAY.
+    let tcp = tokio::net::TcpStream::connect(t.m().addrs.plaintext).await.unwrap();
+    let (mut h2c, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let request =
+        http::Request::post("/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+    let (resp, mut body) = h2c.send_request(request, false).unwrap();
+    let msg = req(CDS, &[], "", Some(gateway_node())).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    body.send_data(frame.into(), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    eventually("the raw proxy connected", Duration::from_secs(5), async || {
+        connected(&t) == 1.0
+    })
+    .await;
+    driver.abort(); // drops the TCP connection: no GOAWAY, no RST_STREAM
+    drop(body);
+    drop(h2c);
+    eventually("the raw stream is gone", Duration::from_secs(10), async || {
+        connected(&t) == 0.0
+    })
+    .await;
+
+    let errors: Vec<String> = t
+        .m()
+        .registry
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("meshd_xds_stream_errors{"))
+        .map(str::to_string)
+        .collect();
+    assert!(errors.is_empty(), "a proxy going away is no stream error: {errors:?}");
+}

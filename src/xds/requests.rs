@@ -17,6 +17,44 @@ use tonic::Status;
 const PREFIX: usize = 5;
 
 /// Decoded requests of one stream.
+/// Message of the `CANCELLED` status a stream ends with when its proxy went away.
+pub const PEER_GONE: &str = "the proxy closed the connection";
+
+/// Whether a body read failed because the peer went away (connection closed, reset or a
+/// GOAWAY, stream cancelled): a proxy shutting down or reconnecting, not an error to report.
+/// Walks the error's sources for the hyper, h2 and I/O errors that say so.
+pub fn peer_gone(status: &Status) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = next {
+        if let Some(h) = e.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed())
+        {
+            return true;
+        }
+        if let Some(h) = e.downcast_ref::<h2::Error>() {
+            if h.is_io() || h.is_go_away() {
+                return true;
+            }
+            if h.is_reset() && matches!(h.reason(), Some(h2::Reason::CANCEL | h2::Reason::NO_ERROR)) {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            )
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 pub struct RequestStream<Req> {
     body: Pin<Box<tonic::body::Body>>,
     buf: BytesMut,
@@ -60,6 +98,7 @@ impl<Req: DecodeRequest> RequestStream<Req> {
                         self.buf.put(data);
                     }
                 }
+                Some(Err(status)) if peer_gone(&status) => return Err(Status::cancelled(PEER_GONE)),
                 Some(Err(status)) => return Err(status),
                 None => self.ended = true,
             }

@@ -636,7 +636,9 @@ impl Conn {
         }
         .await;
         if let Err(s) = result {
-            if s.code() != tonic::Code::Cancelled {
+            if s.code() == tonic::Code::Cancelled {
+                tracing::debug!(conn = self.id, node = ?self.proxy.as_ref().map(|p| &p.node_id), message = %s.message(), "xDS stream closed by the proxy");
+            } else {
                 self.shared.metrics.errors.with(&[&format!("{:?}", s.code())]).inc();
                 tracing::info!(conn = self.id, node = ?self.proxy.as_ref().map(|p| &p.node_id), code = ?s.code(), message = %s.message(), "xDS stream ended with an error");
             }
