@@ -288,7 +288,16 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     readiness.register("grpc");
 
     let local_client = local_kube_client(&args).await?;
-    let material = match (&args.ca_dir, &local_client) {
+    // An empty --ca-dir (the optional cacerts volume without a Secret) means the self-signed CA,
+    // as in istiod; a directory with only some of the files is still an error.
+    let ca_dir = args.ca_dir.as_ref().filter(|dir| {
+        let present = material::plugged_present(dir);
+        if !present {
+            tracing::info!(dir = %dir.display(), "--ca-dir holds no CA key (ca-key.pem or tls.key): using the self-signed CA, as istiod does");
+        }
+        present
+    });
+    let material = match (ca_dir, &local_client) {
         (Some(dir), _) => material::load_plugged(dir)?,
         (None, Some(client)) => {
             kube_secret::load_or_create(
@@ -307,7 +316,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     tracing::info!(source = ?material.source, key = material.key_algorithm, "mesh CA loaded");
     let store = CaStore::new(material, Some(args.data_dir.join("root-cert.pem"))).context("writing root-cert.pem")?;
     let mut background = Vec::new();
-    if let Some(dir) = &args.ca_dir {
+    if let Some(dir) = ca_dir {
         background.push(store.spawn_plugged_watcher(dir.clone(), args.ca_reload_interval));
     }
 

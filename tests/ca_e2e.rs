@@ -648,3 +648,38 @@ async fn messages_over_4_mib_are_refused() {
     .await
     .unwrap();
 }
+
+/// An empty `--ca-dir` (the optional cacerts volume without its Secret) is istiod's
+/// self-signed CA, not a startup failure; a directory with only part of a CA still is one.
+#[tokio::test]
+async fn an_empty_ca_dir_falls_back_to_the_self_signed_root() {
+    let cadir = tempfile::tempdir().unwrap();
+    let t = TestMeshd::start_with(|a| a.ca_dir = Some(cadir.path().to_path_buf())).await;
+    assert!(
+        matches!(t.m().ca.load().source, meshd::ca::material::CaSource::SelfSigned { .. }),
+        "{:?}",
+        t.m().ca.load().source
+    );
+    let token = t.token("default", "web");
+    let chain = create(
+        t.channel().await,
+        Some(&token),
+        None,
+        csr(KeyType::EcdsaP256, Some(ID)),
+        0,
+    )
+    .await
+    .unwrap();
+    meshd::client::verify_response(&chain, &t.root_pem(), Some(&meshd::pki::SpiffeId::parse(ID).unwrap())).unwrap();
+
+    let partial = tempfile::tempdir().unwrap();
+    root_and_intermediate(partial.path());
+    std::fs::remove_file(partial.path().join("root-cert.pem")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = meshd::config::ServeArgs::for_tests(dir.path().join("data"));
+    args.ca_dir = Some(partial.path().to_path_buf());
+    assert!(
+        meshd::app::start(args).await.is_err(),
+        "a key without its root is refused"
+    );
+}

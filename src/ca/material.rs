@@ -161,6 +161,13 @@ pub fn plugged_fingerprint(dir: &Path) -> Result<[u8; 32], MaterialError> {
     Ok(sha256(&all))
 }
 
+/// Whether `dir` holds a plugged CA at all: its signing key (`ca-key.pem`, or `tls.key` of a
+/// kubernetes.io/tls Secret). istiod checks the same and, when it is missing (the optional
+/// `cacerts` volume is empty), runs its self-signed CA instead.
+pub fn plugged_present(dir: &Path) -> bool {
+    dir.join("ca-key.pem").exists() || dir.join("tls.key").exists()
+}
+
 /// Loads a plugged-in CA from `dir`.
 pub fn load_plugged(dir: &Path) -> Result<CaMaterial, MaterialError> {
     let files = plugged_files(dir)?;
