@@ -86,7 +86,6 @@ fn fixture() -> &'static Fixture {
         let mesh = MeshStore::new();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config-dir");
         let settings = RegistrySettings {
-            default_network: String::new(),
             trust_domain: "cluster.local".into(),
             system_namespace: "istio-system".into(),
         };
@@ -126,6 +125,7 @@ fn without_echo(base: &Snapshot, version: u64) -> Snapshot {
         services,
         endpoints,
         config: Arc::clone(&base.config),
+        networks: Arc::clone(&base.networks),
     }
 }
 
@@ -144,6 +144,7 @@ fn with_echo_endpoints(base: &Snapshot, version: u64, keep: &[u8]) -> Snapshot {
         services: base.services.clone(),
         endpoints,
         config: Arc::clone(&base.config),
+        networks: Arc::clone(&base.networks),
     }
 }
 
