@@ -39,7 +39,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
 use meshd::bench::xds::{CDS, EDS, LDS, LoadClient, LoadConfig, RDS};
 use meshd::pki::keys::KeyType;
-use meshd::testing::fake_apiserver::{FakeApiServer, FakeConfig};
+use meshd::testing::fake_apiserver::{FakeApiServer, FakeConfig, ResourceType};
 use prost::Message;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -676,89 +676,114 @@ users:
 /// says something else, so the old client is not kept; istiod's §4.1 notes do not say). Fixed:
 /// tokens and endpoints are back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broken_remote_secret_is_reported_and_fixing_it_restores_the_cluster() {
+async fn a_broken_remote_secret_keeps_the_last_good_client_until_fixed_or_deleted() {
     let (m, eds) = Mesh::seeded().await;
     let good = m.remote_kubeconfig();
     let cached = m.gateway_token("gw-cached");
     m.csr(&cached, "cluster2").await.expect("cluster2 works");
     let primary_token = m.primary_token();
     let clusters = Arc::clone(&m.meshd.m().clusters);
+    let working = clusters.remote("cluster2").expect("registered");
+    let refused = |m: &Mesh| m.meshd.metric("meshd_remote_secret_refused{cluster=\"cluster2\"}");
 
-    // Junk.
+    // Junk, an exec kubeconfig, then a server that does not answer: each is refused, named in
+    // /debug/clusterz and the metric, and the previous client keeps serving cluster2's callers
+    // and endpoints (istiod keeps its last good client).
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("pwned");
+    let dead = good.replace(&m.remote.url(), "https://127.0.0.1:9");
+    assert_ne!(dead, good);
+    for (what, kubeconfig, reason) in [
+        ("junk", "{{{ this is not a kubeconfig".to_string(), "YAML"),
+        (
+            "exec",
+            exec_kubeconfig(&m.remote.url(), m.remote.ca_pem(), &marker),
+            "exec",
+        ),
+        ("unreachable", dead, "does not answer"),
+    ] {
+        m.primary.apply(remote_secret("cluster2", &kubeconfig)).unwrap();
+        let mut row = Value::Null;
+        eventually(&format!("clusterz shows the refused {what} secret"), WAIT, async || {
+            row = clusterz_row(&m.clusterz().await, "cluster2")
+                .cloned()
+                .unwrap_or_default();
+            row["error"].as_str().is_some_and(|e| e.contains(reason))
+        })
+        .await;
+        let error = row["error"].as_str().unwrap_or_default();
+        assert!(error.contains("previous ones keep serving"), "{what}: {row}");
+        assert_eq!(
+            row["source"]["name"], "istio-remote-secret-cluster2",
+            "names the secret: {row}"
+        );
+        assert_eq!(refused(&m), 1.0, "{what}");
+        assert!(
+            Arc::ptr_eq(&clusters.remote("cluster2").expect("still registered"), &working),
+            "{what}: the previous client is kept"
+        );
+        for (who, token) in [("cached", &cached), ("fresh", &m.gateway_token(&format!("gw-{what}")))] {
+            m.csr(token, "cluster2")
+                .await
+                .unwrap_or_else(|e| panic!("{what}: a {who} cluster2 token still works: {e:?}"));
+        }
+        eds.wait_for(&format!("{what}: cluster2's endpoints stay"), &["10.1.0.1", "10.2.0.1"])
+            .await;
+        m.csr(&primary_token, "cluster1").await.expect("cluster1 unaffected");
+    }
+    assert!(!marker.exists(), "the exec command never ran");
+    let rows = m.clusterz().await;
+    assert_eq!(rows.iter().filter(|r| r["id"] == "cluster2").count(), 1, "{rows:?}");
+
+    // Fixed: the good secret again (a new client), error and metric cleared.
+    m.primary.apply(remote_secret("cluster2", &good)).unwrap();
+    eventually("cluster2 on its fixed secret", WAIT, async || {
+        clusters.remote("cluster2").is_some_and(|c| !Arc::ptr_eq(&c, &working)) && refused(&m) == 0.0
+    })
+    .await;
+    eventually("no error once fixed", WAIT, async || {
+        clusterz_row(&m.clusterz().await, "cluster2").is_some_and(|r| r["error"].is_null())
+    })
+    .await;
+    m.csr(&m.gateway_token("gw-after"), "cluster2")
+        .await
+        .expect("a fresh cluster2 token works");
+    eds.wait_for("cluster2's endpoints", &["10.1.0.1", "10.2.0.1"]).await;
+
+    // Deleted: the cluster goes, with its endpoints; its callers are now unknown.
+    m.primary.delete(
+        &ResourceType::core("secrets"),
+        "istio-system",
+        "istio-remote-secret-cluster2",
+    );
+    eventually("cluster2 removed", WAIT, async || clusters.remote("cluster2").is_none()).await;
+    eds.wait_for("cluster2's endpoints removed with it", &["10.1.0.1"])
+        .await;
+    let err = m.csr(&cached, "cluster2").await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unauthenticated | Code::Unavailable),
+        "{err:?}"
+    );
+
+    // A secret that was never usable is a broken cluster: its callers get UNAVAILABLE naming it.
     m.primary
         .apply(remote_secret("cluster2", "{{{ this is not a kubeconfig"))
         .unwrap();
-    let mut row = Value::Null;
-    eventually("clusterz shows cluster2's error", WAIT, async || {
-        row = clusterz_row(&m.clusterz().await, "cluster2")
-            .cloned()
-            .unwrap_or_default();
-        row["error"].as_str().is_some_and(|e| e.contains("YAML"))
+    let mut err = None;
+    eventually("a never-working secret is reported as unusable", WAIT, async || {
+        err = m.csr(&cached, "cluster2").await.err();
+        err.as_ref()
+            .is_some_and(|e| e.code() == Code::Unavailable && e.message().contains("unusable"))
     })
     .await;
-    assert_eq!(row["synced"], false, "{row}");
-    assert_eq!(
-        row["source"]["name"], "istio-remote-secret-cluster2",
-        "names the secret: {row}"
-    );
-    assert!(clusters.remote("cluster2").is_none(), "the old client is dropped");
-    eds.wait_for("cluster2's endpoints removed with it", &["10.1.0.1"])
-        .await;
-    for (what, token) in [("cached", &cached), ("fresh", &m.gateway_token("gw-fresh"))] {
-        let err = m.csr(token, "cluster2").await.unwrap_err();
-        assert_eq!(err.code(), Code::Unavailable, "{what}: {err:?}");
-        for part in ["cluster2", "istio-remote-secret-cluster2", "unusable", "YAML"] {
-            assert!(err.message().contains(part), "{what}: {part:?} in {}", err.message());
-        }
+    let msg = err.unwrap().message().to_string();
+    for part in ["cluster2", "istio-remote-secret-cluster2", "YAML"] {
+        assert!(msg.contains(part), "{part:?} in {msg}");
     }
-    m.csr(&primary_token, "cluster1").await.expect("cluster1 unaffected");
     assert_eq!(
         m.meshd.metric("meshd_remote_cluster_healthy{cluster=\"cluster2\"}"),
         0.0
     );
-
-    // An exec kubeconfig: refused, and nothing runs.
-    let tmp = tempfile::tempdir().unwrap();
-    let marker = tmp.path().join("pwned");
-    m.primary
-        .apply(remote_secret(
-            "cluster2",
-            &exec_kubeconfig(&m.remote.url(), m.remote.ca_pem(), &marker),
-        ))
-        .unwrap();
-    eventually("clusterz shows the exec refusal", WAIT, async || {
-        clusterz_row(&m.clusterz().await, "cluster2")
-            .and_then(|r| r["error"].as_str().map(String::from))
-            .is_some_and(|e| e.contains("exec"))
-    })
-    .await;
-    let err = m.csr(&cached, "cluster2").await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("exec"), "{}", err.message());
-    assert!(!marker.exists(), "the exec command never ran");
-    assert!(clusters.remote("cluster2").is_none());
-
-    // Fixed.
-    m.primary.apply(remote_secret("cluster2", &good)).unwrap();
-    eventually("cluster2 registered again", WAIT, async || {
-        clusters.remote("cluster2").is_some()
-    })
-    .await;
-    eds.wait_for("cluster2's endpoints back", &["10.1.0.1", "10.2.0.1"])
-        .await;
-    let rows = m.clusterz().await;
-    let row = clusterz_row(&rows, "cluster2").expect("cluster2 listed");
-    assert!(row["error"].is_null(), "no error once fixed: {row}");
-    assert_eq!(rows.iter().filter(|r| r["id"] == "cluster2").count(), 1, "{rows:?}");
-    m.csr(&m.gateway_token("gw-after"), "cluster2")
-        .await
-        .expect("a fresh cluster2 token works again");
-    m.csr(&cached, "cluster2").await.expect("and the earlier one");
-    eventually("healthy metric back to 1", WAIT, async || {
-        m.meshd.metric("meshd_remote_cluster_healthy{cluster=\"cluster2\"}") == 1.0
-    })
-    .await;
-    assert!(!marker.exists());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ impl ClusterHandle {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).last_error.clone()
     }
 
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             t.abort();
         }
@@ -178,6 +178,7 @@ pub struct ClusterInfo {
 struct Metrics {
     managed: GaugeVec,
     status: GaugeVec,
+    refused: GaugeVec,
 }
 
 /// All clusters meshd knows about.
@@ -187,6 +188,9 @@ pub struct ClusterRegistry {
     local: Option<Arc<ClusterHandle>>,
     remotes: RwLock<BTreeMap<String, Arc<ClusterHandle>>>,
     broken: RwLock<BTreeMap<String, BrokenCluster>>,
+    /// Working clusters whose source changed to credentials that cannot be used: the previous
+    /// client keeps serving (istiod keeps its last good client), and this says why.
+    refused: RwLock<BTreeMap<String, BrokenCluster>>,
     handlers: RwLock<Vec<Arc<dyn ClusterHandler>>>,
     max_concurrent_reviews: usize,
     metrics: Metrics,
@@ -224,6 +228,11 @@ impl ClusterRegistry {
                 "1 when a remote cluster's credentials work and its API server answers, else 0",
                 &["cluster"],
             ),
+            refused: registry.gauge_vec(
+                "meshd_remote_secret_refused",
+                "1 while a remote cluster's changed secret is refused and its previous credentials keep serving",
+                &["cluster"],
+            ),
         };
         let r = Arc::new(Self {
             local_id: local_id.into(),
@@ -231,6 +240,7 @@ impl ClusterRegistry {
             local,
             remotes: RwLock::default(),
             broken: RwLock::default(),
+            refused: RwLock::default(),
             handlers: RwLock::default(),
             max_concurrent_reviews,
             metrics,
@@ -312,6 +322,7 @@ impl ClusterRegistry {
     pub fn upsert_remote(&self, handle: Arc<ClusterHandle>) {
         let id = handle.id.clone();
         self.broken.write().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.clear_refused(&id);
         let old = self
             .remotes
             .write()
@@ -337,6 +348,7 @@ impl ClusterRegistry {
 
     /// Removes a remote cluster (and any broken record of it).
     pub fn remove_remote(&self, id: &str) {
+        self.clear_refused(id);
         let old = self.remotes.write().unwrap_or_else(|e| e.into_inner()).remove(id);
         let was_broken = self
             .broken
@@ -357,13 +369,24 @@ impl ClusterRegistry {
         self.update_counts();
     }
 
-    /// Records that a source names `id` but its credentials cannot be used. A previously working
-    /// client for the same id is dropped: the source now says something else.
+    /// Records that a source names `id` but its credentials cannot be used. A working client for
+    /// the same id keeps serving (istiod keeps its last good client): the refusal is recorded
+    /// for `/debug/clusterz` and `meshd_remote_secret_refused` instead.
     pub fn mark_broken(&self, id: &str, source: ClusterSource, error: String) {
-        tracing::warn!(cluster = %id, source = %source, error = %error, "remote cluster is unusable");
         if self.remote(id).is_some() {
-            self.remove_remote(id);
+            tracing::warn!(cluster = %id, source = %source, error = %error, "remote secret changed to credentials that cannot be used; keeping the previous client");
+            self.refused.write().unwrap_or_else(|e| e.into_inner()).insert(
+                id.to_string(),
+                BrokenCluster {
+                    source,
+                    error,
+                    since: SystemTime::now(),
+                },
+            );
+            self.metrics.refused.with(&[id]).set(1.0);
+            return;
         }
+        tracing::warn!(cluster = %id, source = %source, error = %error, "remote cluster is unusable");
         self.broken.write().unwrap_or_else(|e| e.into_inner()).insert(
             id.to_string(),
             BrokenCluster {
@@ -373,6 +396,27 @@ impl ClusterRegistry {
             },
         );
         self.metrics.status.with(&[id]).set(0.0);
+    }
+
+    fn clear_refused(&self, id: &str) {
+        if self
+            .refused
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .is_some()
+        {
+            self.metrics.refused.remove(&[id]);
+        }
+    }
+
+    /// Why a working cluster's changed secret is refused, if it is.
+    pub fn refused(&self, id: &str) -> Option<String> {
+        self.refused
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .map(|b| b.error.clone())
     }
 
     /// Reports a working cluster's health (after a probe or an API failure).
@@ -406,7 +450,12 @@ impl ClusterRegistry {
                 source: c.source.clone(),
                 server: c.server.clone(),
                 synced: c.is_synced(),
-                error: c.last_error(),
+                error: match self.refused(&c.id) {
+                    Some(e) => Some(format!(
+                        "the remote secret's new credentials are refused ({e}); the previous ones keep serving"
+                    )),
+                    None => c.last_error(),
+                },
             })
             .collect();
         for (id, b) in self.broken.read().unwrap_or_else(|e| e.into_inner()).iter() {

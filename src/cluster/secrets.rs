@@ -20,6 +20,8 @@ use crate::admin::metrics::CounterVec;
 pub const MULTICLUSTER_LABEL: &str = "istio/multiCluster";
 /// How often a registered cluster's API server is probed for `/debug/clusterz`.
 const PROBE_EVERY: Duration = Duration::from_secs(30);
+/// How often a working cluster's changed, not yet answering credentials are tried again.
+const PENDING_RETRY: Duration = Duration::from_secs(10);
 
 /// Turns kubeconfig sources into registered clusters, rebuilding a client only when the
 /// kubeconfig's sha256 changes.
@@ -29,6 +31,9 @@ pub struct RemoteConfigs {
     read_timeout: Duration,
     /// source key → (cluster id → kubeconfig sha256)
     owned: Mutex<BTreeMap<String, BTreeMap<String, [u8; 32]>>>,
+    /// Cluster id → a client built from a working cluster's changed secret whose API server
+    /// did not answer yet: it replaces the working client once it does.
+    pending: std::sync::Mutex<BTreeMap<String, Arc<ClusterHandle>>>,
     events: CounterVec,
 }
 
@@ -44,6 +49,7 @@ impl RemoteConfigs {
             allowed,
             read_timeout,
             owned: Mutex::default(),
+            pending: std::sync::Mutex::default(),
             events: metrics.counter_vec(
                 "remote_cluster_secret_events_total",
                 "Remote cluster configuration events",
@@ -67,6 +73,7 @@ impl RemoteConfigs {
         let prev = owned.get(source_key).cloned().unwrap_or_default();
         for id in prev.keys().filter(|id| !entries.contains_key(*id)) {
             self.events.with(&["delete"]).inc();
+            self.stop_pending(id);
             self.registry.remove_remote(id);
         }
         let mut now_owned = BTreeMap::new();
@@ -90,13 +97,29 @@ impl RemoteConfigs {
             self.events
                 .with(&[if prev.contains_key(&id) { "update" } else { "add" }])
                 .inc();
+            self.stop_pending(&id);
+            let working = self.registry.remote(&id).is_some();
             match self.build(&id, &bytes, source_of(&id), sha).await {
-                Ok(handle) => {
-                    self.registry.upsert_remote(Arc::clone(&handle));
-                    let registry = Arc::clone(&self.registry);
-                    let h = Arc::clone(&handle);
-                    handle.spawn(probe(registry, Arc::downgrade(&h)));
+                // A working cluster moves to new credentials only once they reach its API
+                // server; until then the previous client keeps serving.
+                Ok(handle) if working => {
+                    if let Err(e) = answers(&handle.client).await {
+                        self.registry.mark_broken(
+                            &id,
+                            source_of(&id),
+                            format!("the API server does not answer with the new kubeconfig: {e}"),
+                        );
+                        let registry = Arc::clone(&self.registry);
+                        handle.spawn(switch_when_reachable(registry, Arc::downgrade(&handle)));
+                        self.pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id.clone(), handle);
+                    } else {
+                        register(&self.registry, handle);
+                    }
                 }
+                Ok(handle) => register(&self.registry, handle),
                 Err(e) => self.registry.mark_broken(&id, source_of(&id), e),
             }
         }
@@ -111,7 +134,17 @@ impl RemoteConfigs {
         let removed = self.owned.lock().await.remove(source_key).unwrap_or_default();
         for id in removed.keys() {
             self.events.with(&["delete"]).inc();
+            self.stop_pending(id);
             self.registry.remove_remote(id);
+        }
+    }
+
+    /// Drops a client still waiting to replace `id`'s working one (unless it already has).
+    fn stop_pending(&self, id: &str) {
+        if let Some(h) = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id)
+            && !self.registry.remote(id).is_some_and(|r| Arc::ptr_eq(&r, &h))
+        {
+            h.stop();
         }
     }
 
@@ -141,6 +174,36 @@ impl RemoteConfigs {
             Some(sha),
             self.registry.max_concurrent_reviews(),
         ))
+    }
+}
+
+/// Registers a cluster and starts its health probe.
+fn register(registry: &Arc<ClusterRegistry>, handle: Arc<ClusterHandle>) {
+    registry.upsert_remote(Arc::clone(&handle));
+    let h = Arc::clone(&handle);
+    handle.spawn(probe(Arc::clone(registry), Arc::downgrade(&h)));
+}
+
+/// Whether a client's API server answers (its version), within a few seconds.
+async fn answers(client: &kube::Client) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(5), client.apiserver_version()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer within 5s".into()),
+    }
+}
+
+/// A pending client (a working cluster's changed secret) replaces the working one as soon as its
+/// API server answers; it is stopped (and this task with it) if the secret changes again or goes.
+async fn switch_when_reachable(registry: Arc<ClusterRegistry>, handle: std::sync::Weak<ClusterHandle>) {
+    loop {
+        tokio::time::sleep(PENDING_RETRY).await;
+        let Some(h) = handle.upgrade() else { return };
+        if answers(&h.client).await.is_ok() {
+            tracing::info!(cluster = %h.id, "the remote secret's new credentials answer now; switching to them");
+            register(&registry, h);
+            return;
+        }
     }
 }
 
