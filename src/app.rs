@@ -213,8 +213,8 @@ fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<(AuthChain, Vec<JoinHandle<()>>
     Ok((AuthChain::new(chain), tasks))
 }
 
-/// The local cluster's client: `--kubeconfig`, else in-cluster config inside a pod, else none.
-async fn local_kube_client(args: &ServeArgs) -> anyhow::Result<Option<kube::Client>> {
+/// The local cluster's config: `--kubeconfig`, else in-cluster config inside a pod, else none.
+async fn local_kube_config(args: &ServeArgs) -> anyhow::Result<Option<kube::Config>> {
     if args.standalone {
         return Ok(None);
     }
@@ -224,11 +224,12 @@ async fn local_kube_client(args: &ServeArgs) -> anyhow::Result<Option<kube::Clie
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
             .with_context(|| format!("using kubeconfig {}", path.display()))?;
-        return Ok(Some(kube::Client::try_from(config)?));
+        return Ok(Some(config));
     }
     if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        let config = kube::Config::incluster().context("reading the in-cluster Kubernetes config")?;
-        return Ok(Some(kube::Client::try_from(config)?));
+        return Ok(Some(
+            kube::Config::incluster().context("reading the in-cluster Kubernetes config")?,
+        ));
     }
     Ok(None)
 }
@@ -287,7 +288,12 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     let readiness = Readiness::new();
     readiness.register("grpc");
 
-    let local_client = local_kube_client(&args).await?;
+    let local_config = local_kube_config(&args).await?;
+    let local_review_client = local_config
+        .as_ref()
+        .map(crate::cluster::kubeconfig::review_client)
+        .transpose()?;
+    let local_client = local_config.map(kube::Client::try_from).transpose()?;
     // An empty --ca-dir (the optional cacerts volume without a Secret) means the self-signed CA,
     // as in istiod; a directory with only some of the files is still an error.
     let ca_dir = args.ca_dir.as_ref().filter(|dir| {
@@ -323,7 +329,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Meshd> {
     let clusters = ClusterRegistry::new(
         &args.cluster_id,
         args.cluster_aliases.iter().cloned().collect(),
-        local_client.clone(),
+        local_client.clone().zip(local_review_client),
         args.max_concurrent_token_reviews,
         &registry,
     );

@@ -22,7 +22,7 @@ use crate::pki::SpiffeId;
 pub type ReviewerFactory = Arc<dyn Fn(&ClusterHandle) -> Arc<dyn TokenReviewer> + Send + Sync>;
 
 pub fn kube_reviewers() -> ReviewerFactory {
-    Arc::new(|c: &ClusterHandle| Arc::new(KubeTokenReviewer::new(c.client.clone())) as Arc<dyn TokenReviewer>)
+    Arc::new(|c: &ClusterHandle| Arc::new(KubeTokenReviewer::new(c.review_client.clone())) as Arc<dyn TokenReviewer>)
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +101,10 @@ fn unverified_exp(token: &str) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(e.exp))
 }
 
+/// Backoff between TokenReviews an API server answered 429 or 503.
+const THROTTLE_FIRST_RETRY: Duration = Duration::from_millis(200);
+const THROTTLE_MAX_RETRY: Duration = Duration::from_secs(1);
+
 async fn review_once(
     cluster: Arc<ClusterHandle>,
     reviewer: Arc<dyn TokenReviewer>,
@@ -114,16 +118,56 @@ async fn review_once(
         return Err(AuthError::Overloaded { cluster: id });
     };
     let started = Instant::now();
-    let result = tokio::time::timeout(config.timeout, reviewer.review(&token, &config.audiences)).await;
+    let deadline = started + config.timeout;
+    // A throttling (429) or briefly unavailable (503) API server is asked again within the review
+    // deadline, with backoff; the review client has kube's own retries off so that meshd sees it.
+    let mut throttled: Option<u16> = None;
+    let mut backoff = THROTTLE_FIRST_RETRY;
+    let result = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, reviewer.review(&token, &config.audiences)).await {
+            Ok(Err(ReviewError::Api {
+                code: code @ (429 | 503),
+                ..
+            })) => {
+                throttled = Some(code);
+                let wait = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                if wait.is_zero() {
+                    break Err(());
+                }
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(THROTTLE_MAX_RETRY);
+            }
+            Ok(other) => break Ok(other),
+            Err(_) => break Err(()),
+        }
+    };
     metrics.latency.with(&[&id]).observe(started.elapsed().as_secs_f64());
     let unavailable = |reason: String| AuthError::Unavailable {
         cluster: id.clone(),
         reason,
     };
     let account = match result {
-        Err(_) => {
-            metrics.api_calls.with(&[&id, "timeout"]).inc();
-            return Err(unavailable(format!("no answer within {:?}", config.timeout)));
+        Err(()) => {
+            let (label, reason) = match throttled {
+                Some(429) => (
+                    "throttled",
+                    format!(
+                        "{id}'s API server is throttling (HTTP 429) and did not review the token within {:?}",
+                        config.timeout
+                    ),
+                ),
+                Some(code) => (
+                    "throttled",
+                    format!(
+                        "{id}'s API server is unavailable (HTTP {code}) and did not review the token within {:?}",
+                        config.timeout
+                    ),
+                ),
+                None => ("timeout", format!("no answer within {:?}", config.timeout)),
+            };
+            metrics.api_calls.with(&[&id, label]).inc();
+            return Err(unavailable(reason));
         }
         Ok(Err(ReviewError::Transport(e))) => {
             metrics.api_calls.with(&[&id, "unreachable"]).inc();
@@ -257,7 +301,13 @@ mod tests {
         let metrics = Registry::new();
         let mut aliases = BTreeMap::new();
         aliases.insert("old-name".to_string(), "cluster1".to_string());
-        let clusters = ClusterRegistry::new("cluster1", aliases, Some(dummy_client()), max_reviews, &metrics);
+        let clusters = ClusterRegistry::new(
+            "cluster1",
+            aliases,
+            Some((dummy_client(), dummy_client())),
+            max_reviews,
+            &metrics,
+        );
         clusters.upsert_remote(ClusterHandle::new(
             "cluster2",
             dummy_client(),

@@ -99,14 +99,25 @@ pub fn sanitize(text: &str, allowed: &AllowedOptions) -> Result<Kubeconfig, Kube
     Ok(kc)
 }
 
-/// Builds a client for a sanitized kubeconfig.
-pub async fn client(kc: Kubeconfig, read_timeout: Duration) -> Result<kube::Client, KubeconfigError> {
+/// Builds the clients for a sanitized kubeconfig: the cluster's client, and its TokenReview
+/// client ([`review_client`]).
+pub async fn client(kc: Kubeconfig, read_timeout: Duration) -> Result<(kube::Client, kube::Client), KubeconfigError> {
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| KubeconfigError::Client(e.to_string()))?;
     config.connect_timeout = Some(Duration::from_secs(5));
     config.read_timeout = Some(read_timeout);
-    kube::Client::try_from(config).map_err(|e| KubeconfigError::Client(e.to_string()))
+    let review = review_client(&config).map_err(|e| KubeconfigError::Client(e.to_string()))?;
+    let client = kube::Client::try_from(config).map_err(|e| KubeconfigError::Client(e.to_string()))?;
+    Ok((client, review))
+}
+
+/// A client for TokenReviews: without kube's own retries of 429/503 answers, so meshd sees a
+/// throttling API server and says so (it retries within its review deadline itself).
+pub fn review_client(config: &kube::Config) -> Result<kube::Client, kube::Error> {
+    let mut config = config.clone();
+    config.default_retry = false;
+    kube::Client::try_from(config)
 }
 
 /// The API server URL of the current context (for `/debug/clusterz`).

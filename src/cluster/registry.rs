@@ -42,6 +42,8 @@ struct Status {
 pub struct ClusterHandle {
     pub id: String,
     pub client: kube::Client,
+    /// The same credentials without kube's retries, for TokenReview (see `kubeconfig::review_client`).
+    pub review_client: kube::Client,
     pub source: ClusterSource,
     pub server: Option<String>,
     /// sha256 of the kubeconfig it was built from (remote clusters).
@@ -72,9 +74,31 @@ impl ClusterHandle {
         kubeconfig_sha256: Option<[u8; 32]>,
         max_concurrent_reviews: usize,
     ) -> Arc<Self> {
+        Self::with_review_client(
+            id,
+            client.clone(),
+            client,
+            source,
+            server,
+            kubeconfig_sha256,
+            max_concurrent_reviews,
+        )
+    }
+
+    /// [`ClusterHandle::new`] with a separate TokenReview client.
+    pub fn with_review_client(
+        id: &str,
+        client: kube::Client,
+        review_client: kube::Client,
+        source: ClusterSource,
+        server: Option<String>,
+        kubeconfig_sha256: Option<[u8; 32]>,
+        max_concurrent_reviews: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
             id: id.into(),
             client,
+            review_client,
             source,
             server,
             kubeconfig_sha256,
@@ -208,12 +232,20 @@ impl ClusterRegistry {
     pub fn new(
         local_id: &str,
         aliases: BTreeMap<String, String>,
-        local_client: Option<kube::Client>,
+        local_client: Option<(kube::Client, kube::Client)>,
         max_concurrent_reviews: usize,
         registry: &Registry,
     ) -> Arc<Self> {
-        let local = local_client.map(|c| {
-            let h = ClusterHandle::new(local_id, c, ClusterSource::Local, None, None, max_concurrent_reviews);
+        let local = local_client.map(|(c, review)| {
+            let h = ClusterHandle::with_review_client(
+                local_id,
+                c,
+                review,
+                ClusterSource::Local,
+                None,
+                None,
+                max_concurrent_reviews,
+            );
             h.set_synced();
             h
         });

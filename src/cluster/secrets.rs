@@ -163,12 +163,13 @@ impl RemoteConfigs {
         let text = std::str::from_utf8(bytes).map_err(|_| "kubeconfig is not UTF-8 text".to_string())?;
         let kc = kubeconfig::sanitize(text, &self.allowed).map_err(|e| e.to_string())?;
         let server = kubeconfig::server_url(&kc);
-        let client = kubeconfig::client(kc, self.read_timeout)
+        let (client, review_client) = kubeconfig::client(kc, self.read_timeout)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(ClusterHandle::new(
+        Ok(ClusterHandle::with_review_client(
             id,
             client,
+            review_client,
             source,
             server,
             Some(sha),
