@@ -257,6 +257,72 @@ pub fn reader_rbac(namespace: &str, service_account: &str) -> (ServiceAccount, C
     (sa, cr, crb)
 }
 
+/// `istio-reader-webhook-<namespace>`: the role and binding that let meshd keep the remote's
+/// webhook caBundles (deploy/remote/webhook-rbac.yaml).
+pub fn webhook_role_name(namespace: &str) -> String {
+    format!("istio-reader-webhook-{namespace}")
+}
+
+/// What meshd needs to keep a remote's webhook configurations' caBundle equal to the mesh roots
+/// (as istiod does for remotes it controls): watch both kinds, and update the two it owns by name
+/// (meshd's defaults `istio-sidecar-injector` and `istio-validator-<namespace>`).
+pub fn webhook_rbac(namespace: &str, service_account: &str) -> (ClusterRole, ClusterRoleBinding) {
+    let labels: BTreeMap<String, String> = [("app".to_string(), "istio-reader".to_string())].into();
+    let role = webhook_role_name(namespace);
+    let rule = |resources: &[&str], names: Option<&str>, verbs: &[&str]| PolicyRule {
+        api_groups: Some(vec!["admissionregistration.k8s.io".into()]),
+        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
+        resource_names: names.map(|n| vec![n.to_string()]),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let validator = format!("istio-validator-{namespace}");
+    let cr = ClusterRole {
+        metadata: ObjectMeta {
+            name: Some(role.clone()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        rules: Some(vec![
+            rule(
+                &["mutatingwebhookconfigurations", "validatingwebhookconfigurations"],
+                None,
+                &["get", "list", "watch"],
+            ),
+            rule(
+                &["mutatingwebhookconfigurations"],
+                Some("istio-sidecar-injector"),
+                &["update", "patch"],
+            ),
+            rule(
+                &["validatingwebhookconfigurations"],
+                Some(&validator),
+                &["update", "patch"],
+            ),
+        ]),
+        ..Default::default()
+    };
+    let crb = ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(role.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: role,
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: service_account.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        }]),
+    };
+    (cr, crb)
+}
+
 /// The token Secret's name, as istioctl names it.
 pub fn token_secret_name(service_account: &str) -> String {
     format!("{service_account}-istio-remote-secret-token")
@@ -364,6 +430,15 @@ pub async fn generate(args: &CreateRemoteSecretArgs) -> anyhow::Result<String> {
         create_or_update(
             &Api::<ClusterRoleBinding>::all(client.clone()),
             &crb,
+            "ClusterRoleBinding",
+        )
+        .await?;
+        // The webhook caBundle rights too, so a remote set up this way needs no other RBAC.
+        let (wcr, wcrb) = webhook_rbac(ns, sa_name);
+        create_or_update(&Api::<ClusterRole>::all(client.clone()), &wcr, "ClusterRole").await?;
+        create_or_update(
+            &Api::<ClusterRoleBinding>::all(client.clone()),
+            &wcrb,
             "ClusterRoleBinding",
         )
         .await?;
@@ -611,5 +686,20 @@ users:
         assert_eq!(sa2, sa);
         assert_eq!(cr2, cr);
         assert_eq!(crb2, crb);
+
+        let text = include_str!("../deploy/remote/webhook-rbac.yaml");
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).unwrap())
+            .filter(|v: &serde_yaml::Value| !v.is_null())
+            .collect();
+        assert_eq!(docs.len(), 2);
+        let (wcr, wcrb) = webhook_rbac("istio-system", DEFAULT_SERVICE_ACCOUNT);
+        let wcr2: ClusterRole = serde_yaml::from_value(docs[0].clone()).unwrap();
+        let wcrb2: ClusterRoleBinding = serde_yaml::from_value(docs[1].clone()).unwrap();
+        assert_eq!(
+            wcr2, wcr,
+            "deploy/remote/webhook-rbac.yaml is what --create-service-account creates"
+        );
+        assert_eq!(wcrb2, wcrb);
     }
 }

@@ -150,6 +150,15 @@ async fn remote_secret_has_istioctls_shape_and_registers_the_remote_with_meshd()
     assert!(remote.get_typed::<ServiceAccount>("istio-system", SA).is_some());
     let crb: ClusterRoleBinding = remote.get_typed("", "istio-reader-clusterrole-istio-system").unwrap();
     assert_eq!(crb.subjects.unwrap()[0].name, SA);
+    // And the webhook caBundle rights (deploy/remote/webhook-rbac.yaml), bound to the same account.
+    let wcr: ClusterRole = remote.get_typed("", "istio-reader-webhook-istio-system").unwrap();
+    assert!(
+        wcr.rules.unwrap().iter().any(|r| r.verbs.iter().any(|v| v == "update")
+            && r.resource_names.as_deref() == Some(&["istio-sidecar-injector".to_string()][..])),
+        "update on the injector webhook"
+    );
+    let wcrb: ClusterRoleBinding = remote.get_typed("", "istio-reader-webhook-istio-system").unwrap();
+    assert_eq!(wcrb.subjects.unwrap()[0].name, SA);
     let ts: Secret = remote
         .get_typed("istio-system", "istio-reader-service-account-istio-remote-secret-token")
         .unwrap();
