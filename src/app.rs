@@ -171,7 +171,9 @@ fn build_auth(d: AuthDeps<'_>) -> anyhow::Result<(AuthChain, Vec<JoinHandle<()>>
     let local_issuer = match args.local_issuer {
         LocalIssuerMode::Enabled => true,
         LocalIssuerMode::Disabled => false,
-        LocalIssuerMode::Auto => d.clusters.local().is_none(),
+        // Standalone only: with remote clusters (--remote-kubeconfig-dir) the callers are their
+        // workloads, whose tokens their clusters review; data-dir tokens would be a side door.
+        LocalIssuerMode::Auto => d.clusters.local().is_none() && args.remote_kubeconfig_dir.is_none(),
     };
     if local_issuer {
         let issuer = LocalIssuer::load_or_create(&args.data_dir).context("loading the standalone token issuer")?;

@@ -117,7 +117,7 @@ pub struct ServeArgs {
     #[arg(long, env = "JWT_RULE")]
     pub jwt_rule: Option<String>,
     /// Trust tokens from the data dir's standalone issuer (`meshd token`): `auto` does so only
-    /// when meshd runs without a Kubernetes API server of its own.
+    /// when meshd runs standalone, with no Kubernetes cluster at all (local or remote).
     #[arg(long, env = "MESHD_LOCAL_ISSUER", value_enum, default_value = "auto")]
     pub local_issuer: LocalIssuerMode,
     /// Kubeconfig of the primary (local) cluster. Without it meshd uses the in-cluster config when

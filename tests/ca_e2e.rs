@@ -683,3 +683,36 @@ async fn an_empty_ca_dir_falls_back_to_the_self_signed_root() {
         "a key without its root is refused"
     );
 }
+
+/// `--local-issuer auto` trusts data-dir tokens only standalone: with remote clusters
+/// (`--remote-kubeconfig-dir`), a data-dir token is no way in; `enabled` opts back in.
+#[tokio::test]
+async fn data_dir_tokens_are_not_trusted_with_remote_clusters_unless_enabled() {
+    let remotes = tempfile::tempdir().unwrap();
+    let t = TestMeshd::start_with(|a| a.remote_kubeconfig_dir = Some(remotes.path().to_path_buf())).await;
+    let err = create(
+        t.channel().await,
+        Some(&t.token("default", "web")),
+        None,
+        csr(KeyType::EcdsaP256, Some(ID)),
+        0,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+
+    let t = TestMeshd::start_with(|a| {
+        a.remote_kubeconfig_dir = Some(remotes.path().to_path_buf());
+        a.local_issuer = meshd::config::LocalIssuerMode::Enabled;
+    })
+    .await;
+    create(
+        t.channel().await,
+        Some(&t.token("default", "web")),
+        None,
+        csr(KeyType::EcdsaP256, Some(ID)),
+        0,
+    )
+    .await
+    .expect("explicitly enabled");
+}
