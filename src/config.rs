@@ -36,6 +36,9 @@ pub enum Command {
     Bench(crate::bench::BenchCommand),
     /// Print a remote secret (istioctl's shape) giving meshd read access to a remote cluster.
     CreateRemoteSecret(Box<crate::remote_secret::CreateRemoteSecretArgs>),
+    /// The proxies connected to meshd replicas and whether each has the config last sent
+    /// (SYNCED / NOT SENT / STALE per xDS type), as `istioctl proxy-status`.
+    ProxyStatus(crate::proxy_status::ProxyStatusArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

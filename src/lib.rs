@@ -23,6 +23,7 @@ pub mod logging;
 pub mod meshconfig;
 pub mod pki;
 pub mod proto;
+pub mod proxy_status;
 pub mod registry;
 pub mod remote_secret;
 pub mod rootcert;

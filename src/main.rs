@@ -44,6 +44,10 @@ fn main() -> std::process::ExitCode {
                 meshd::logging::init(&quiet_logs());
                 meshd::remote_secret::run(*args).await
             }
+            Command::ProxyStatus(args) => {
+                meshd::logging::init(&quiet_logs());
+                meshd::proxy_status::run(args).await
+            }
         }
     });
     match result {

@@ -138,3 +138,43 @@ async fn debug_endpoints_refuse_anonymous_remote_callers_and_scope_workloads() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("db-1.payments"));
 }
+
+/// `meshd proxy-status` against a running meshd: a proxy that has not ACKed its CDS yet is STALE
+/// there and NOT SENT for types it never asked for; once it ACKs, CDS is SYNCED. Two replica
+/// URLs list the proxy once per replica.
+#[tokio::test]
+async fn proxy_status_shows_synced_stale_and_not_sent() {
+    use common::xds::{CDS, Sotw, plaintext, req};
+    use meshd::proxy_status::{Sync, collect, render_table};
+    let t = TestMeshd::start_with(|a| a.debounce_after = Duration::from_millis(20)).await;
+    let url = format!("http://{}", t.m().addrs.monitoring);
+    let node = xds_node(
+        "router~10.0.0.9~gw-1.istio-system~istio-system.svc.cluster.local",
+        &[("CLUSTER_ID", "cluster2"), ("NAMESPACE", "istio-system")],
+    );
+    let mut s = Sotw::open(plaintext(&t).await, None).await.unwrap();
+    s.send(req(CDS, &[], "", Some(node))).await;
+    let cds = s.recv().await.unwrap();
+
+    let rows = collect(std::slice::from_ref(&url), None).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].name, "gw-1.istio-system");
+    assert_eq!(rows[0].cluster, "cluster2");
+    assert_eq!(rows[0].types["cds"], Sync::Stale, "sent, not ACKed yet");
+    assert_eq!(rows[0].types["lds"], Sync::NotSent);
+
+    s.send(req(CDS, &[], &cds.nonce, None)).await;
+    let mut rows = Vec::new();
+    eventually("the ACK is seen", Duration::from_secs(5), async || {
+        rows = collect(std::slice::from_ref(&url), None).await.unwrap();
+        rows[0].types["cds"] == Sync::Synced
+    })
+    .await;
+    let table = render_table(&rows);
+    assert!(table.lines().nth(1).unwrap().contains("SYNCED"), "{table}");
+
+    let both = collect(&[url.clone(), url.clone()], None).await.unwrap();
+    assert_eq!(both.len(), 2, "one row per replica");
+    let err = collect(&["http://127.0.0.1:1".to_string()], None).await.unwrap_err();
+    assert!(format!("{err:#}").contains("/debug/syncz"), "{err:#}");
+}
