@@ -214,6 +214,33 @@ pub fn reader_rules() -> Vec<PolicyRule> {
     ]
 }
 
+/// A ClusterRoleBinding of `role` (named alike) to the service account.
+fn binding(
+    role: String,
+    labels: BTreeMap<String, String>,
+    namespace: &str,
+    service_account: &str,
+) -> ClusterRoleBinding {
+    ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(role.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: role,
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: service_account.to_string(),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        }]),
+    }
+}
+
 /// The ServiceAccount, ClusterRole and ClusterRoleBinding `--create-service-account` creates.
 pub fn reader_rbac(namespace: &str, service_account: &str) -> (ServiceAccount, ClusterRole, ClusterRoleBinding) {
     let labels: BTreeMap<String, String> = [("app".to_string(), "istio-reader".to_string())].into();
@@ -236,24 +263,7 @@ pub fn reader_rbac(namespace: &str, service_account: &str) -> (ServiceAccount, C
         rules: Some(reader_rules()),
         ..Default::default()
     };
-    let crb = ClusterRoleBinding {
-        metadata: ObjectMeta {
-            name: Some(role.clone()),
-            labels: Some(labels),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: role,
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: service_account.to_string(),
-            namespace: Some(namespace.to_string()),
-            ..Default::default()
-        }]),
-    };
+    let crb = binding(role, labels, namespace, service_account);
     (sa, cr, crb)
 }
 
@@ -302,24 +312,7 @@ pub fn webhook_rbac(namespace: &str, service_account: &str) -> (ClusterRole, Clu
         ]),
         ..Default::default()
     };
-    let crb = ClusterRoleBinding {
-        metadata: ObjectMeta {
-            name: Some(role.clone()),
-            labels: Some(labels),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: role,
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: service_account.to_string(),
-            namespace: Some(namespace.to_string()),
-            ..Default::default()
-        }]),
-    };
+    let crb = binding(role, labels, namespace, service_account);
     (cr, crb)
 }
 

@@ -148,7 +148,7 @@ fn sidecar(network: &str, cluster: &str) -> Node {
 }
 
 fn eastwest_node() -> Node {
-    let mut n = xds_node(
+    xds_node_with_labels(
         "router~10.1.0.100~istio-eastwestgateway-1.istio-system~istio-system.svc.cluster.local",
         &[
             ("NETWORK", "network1"),
@@ -156,28 +156,8 @@ fn eastwest_node() -> Node {
             ("NAMESPACE", "istio-system"),
             ("REQUESTED_NETWORK_VIEW", "network1"),
         ],
-    );
-    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-    let labels = Struct {
-        fields: [("istio", "eastwestgateway"), ("app", "istio-eastwestgateway")]
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    Value {
-                        kind: Some(Kind::StringValue(v.to_string())),
-                    },
-                )
-            })
-            .collect(),
-    };
-    n.metadata.as_mut().unwrap().fields.insert(
-        "LABELS".into(),
-        Value {
-            kind: Some(Kind::StructValue(labels)),
-        },
-    );
-    n
+        &[("istio", "eastwestgateway"), ("app", "istio-eastwestgateway")],
+    )
 }
 
 /// `address:port` → (weight, tlsMode metadata) of every endpoint, and the locality weights.

@@ -184,6 +184,38 @@ pub fn non_loopback_ip() -> std::net::IpAddr {
     ip
 }
 
+/// [`xds_node`] with the proxy's `LABELS` (gateways are selected by them).
+pub fn xds_node_with_labels(
+    id: &str,
+    md: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> envoy_types::pb::envoy::config::core::v3::Node {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let mut n = xds_node(id, md);
+    let labels = Struct {
+        fields: labels
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect(),
+    };
+    if let Some(m) = n.metadata.as_mut() {
+        m.fields.insert(
+            "LABELS".into(),
+            Value {
+                kind: Some(Kind::StructValue(labels)),
+            },
+        );
+    }
+    n
+}
+
 /// An Envoy `Node` with string metadata, as the xDS tests send on a stream's first request.
 pub fn xds_node(id: &str, md: &[(&str, &str)]) -> envoy_types::pb::envoy::config::core::v3::Node {
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};

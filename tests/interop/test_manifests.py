@@ -66,6 +66,7 @@ from conftest import (
     parse_listeners,
     start_meshd,
 )
+from envoy_helpers import wait_until
 
 DEPLOY = REPO_ROOT / "deploy"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -1807,22 +1808,6 @@ def make_cacerts(directory: Path) -> bytes:
                                           serialization.NoEncryption()))
     key.chmod(0o600)
     return pem(root)
-
-
-def wait_until(what: str, timeout: float, fn, describe=lambda: ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            v = fn()
-            if v:
-                return v
-        except Exception as e:  # keep polling; report the last error
-            last = e
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for: {what}"
-                                 + (f"\nlast error: {last!r}" if last else "") + f"\n{describe()}")
-        time.sleep(0.25)
 
 
 def test_primary_remote_walkthrough_on_fake_apiservers(tmp_path):
