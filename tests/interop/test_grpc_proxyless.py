@@ -12,7 +12,6 @@ listeners, routes, clusters and endpoints are all accepted.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import socket
 import subprocess
