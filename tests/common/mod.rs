@@ -184,16 +184,11 @@ pub fn non_loopback_ip() -> std::net::IpAddr {
     ip
 }
 
-/// [`xds_node`] with the proxy's `LABELS` (gateways are selected by them).
-pub fn xds_node_with_labels(
-    id: &str,
-    md: &[(&str, &str)],
-    labels: &[(&str, &str)],
-) -> envoy_types::pb::envoy::config::core::v3::Node {
+/// A protobuf `Struct` of string values.
+fn string_struct(pairs: &[(&str, &str)]) -> envoy_types::pb::google::protobuf::Struct {
     use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-    let mut n = xds_node(id, md);
-    let labels = Struct {
-        fields: labels
+    Struct {
+        fields: pairs
             .iter()
             .map(|(k, v)| {
                 (
@@ -204,12 +199,22 @@ pub fn xds_node_with_labels(
                 )
             })
             .collect(),
-    };
+    }
+}
+
+/// [`xds_node`] with the proxy's `LABELS` (gateways are selected by them).
+pub fn xds_node_with_labels(
+    id: &str,
+    md: &[(&str, &str)],
+    labels: &[(&str, &str)],
+) -> envoy_types::pb::envoy::config::core::v3::Node {
+    use envoy_types::pb::google::protobuf::{Value, value::Kind};
+    let mut n = xds_node(id, md);
     if let Some(m) = n.metadata.as_mut() {
         m.fields.insert(
             "LABELS".into(),
             Value {
-                kind: Some(Kind::StructValue(labels)),
+                kind: Some(Kind::StructValue(string_struct(labels))),
             },
         );
     }
@@ -218,22 +223,9 @@ pub fn xds_node_with_labels(
 
 /// An Envoy `Node` with string metadata, as the xDS tests send on a stream's first request.
 pub fn xds_node(id: &str, md: &[(&str, &str)]) -> envoy_types::pb::envoy::config::core::v3::Node {
-    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
     envoy_types::pb::envoy::config::core::v3::Node {
         id: id.into(),
-        metadata: Some(Struct {
-            fields: md
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        Value {
-                            kind: Some(Kind::StringValue(v.to_string())),
-                        },
-                    )
-                })
-                .collect(),
-        }),
+        metadata: Some(string_struct(md)),
         ..Default::default()
     }
 }
