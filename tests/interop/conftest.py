@@ -84,6 +84,22 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def spawn(argv) -> tuple[subprocess.Popen, "_StderrCollector"]:
+    """Starts a child (meshd, a fake API server, Envoy) with a clean environment, its stderr
+    drained by a collector, and registers it so it is ended at exit whatever happens."""
+    proc = subprocess.Popen(
+        [str(a) for a in argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        env=child_env(),
+    )
+    _ALL_PROCESSES.append(proc)
+    return proc, _StderrCollector(proc.stderr)
+
+
 # --------------------------------------------------------------------------------------------
 # Generated stubs
 # --------------------------------------------------------------------------------------------
@@ -365,17 +381,8 @@ def start_meshd(data_dir: Path, *extra_args: str, grpc_host: str = "127.0.0.1",
         "--shutdown-duration", "2s",
         *extra_args,
     ]
-    proc = subprocess.Popen(
-        [str(MESHD_BIN), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=child_env(),
-    )
-    _ALL_PROCESSES.append(proc)
-    m = Meshd(proc=proc, data_dir=data_dir, args=args, stderr=_StderrCollector(proc.stderr))
+    proc, stderr = spawn([MESHD_BIN, *args])
+    m = Meshd(proc=proc, data_dir=data_dir, args=args, stderr=stderr)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         ok = m.stderr.wait(lambda lines: set(LISTENERS) <= set(parse_listeners(lines)), deadline)

@@ -38,7 +38,7 @@ from typing import Sequence
 
 import pytest
 
-from conftest import _ALL_PROCESSES, MESHD_BIN, SERVER_NAME, _end_process, _StderrCollector, child_env
+from conftest import MESHD_BIN, SERVER_NAME, _end_process, _StderrCollector, spawn
 
 #: How long a process may take to come up (a debug meshd or a cold Envoy on a busy 2-core VM).
 START_TIMEOUT_S = 60.0
@@ -182,17 +182,8 @@ def start_fake(state_dir: Path, name: str, ip: str) -> FakeCluster:
     """A fake API server for cluster `name` on ip:<ephemeral>, its state (CA, tokens, URL) in
     state_dir."""
     binary = fake_apiserver_binary()
-    proc = subprocess.Popen(
-        [str(binary), "--bind", f"{ip}:0", "--cluster-name", name, "--state-dir", str(state_dir)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=child_env(),
-    )
-    _ALL_PROCESSES.append(proc)
-    fc = FakeCluster(name=name, proc=proc, stderr=_StderrCollector(proc.stderr), state_dir=state_dir)
+    proc, stderr = spawn([binary, "--bind", f"{ip}:0", "--cluster-name", name, "--state-dir", state_dir])
+    fc = FakeCluster(name=name, proc=proc, stderr=stderr, state_dir=state_dir)
     ok = fc.stderr.wait(lambda lines: any("fake-apiserver listening" in l for l in lines), time.monotonic() + START_TIMEOUT_S)
     if not ok:
         fc.stop()
@@ -467,17 +458,8 @@ def start_envoy(workdir: Path, bootstrap: dict, *, prefix: Sequence[str] = (), b
         args += ["--component-log-level", component_log_level]
     if not admin_pipe:
         args += ["--admin-address-path", str(admin_path)]
-    proc = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=child_env(),
-    )
-    _ALL_PROCESSES.append(proc)
-    e = Envoy(proc=proc, stderr=_StderrCollector(proc.stderr))
+    proc, stderr = spawn(args)
+    e = Envoy(proc=proc, stderr=stderr)
     try:
         if admin_pipe:
             e.admin = f"unix:{admin_pipe}"

@@ -26,14 +26,12 @@ from pathlib import Path
 import pytest
 
 from conftest import (
-    _ALL_PROCESSES,
     LISTENERS,
     MESHD_BIN,
     STARTUP_TIMEOUT_S,
     Meshd,
-    _StderrCollector,
-    child_env,
     parse_listeners,
+    spawn,
 )
 from envoy_helpers import (
     ISTIO_VERSION,
@@ -181,17 +179,8 @@ def start_meshd_fixed(data_dir: Path, addrs: dict[str, str], *extra: str) -> Mes
         "--shutdown-duration", "2s",
         *extra,
     ]
-    proc = subprocess.Popen(
-        [str(MESHD_BIN), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=child_env(),
-    )
-    _ALL_PROCESSES.append(proc)
-    m = Meshd(proc=proc, data_dir=data_dir, args=args, stderr=_StderrCollector(proc.stderr))
+    proc, stderr = spawn([MESHD_BIN, *args])
+    m = Meshd(proc=proc, data_dir=data_dir, args=args, stderr=stderr)
     ok = m.stderr.wait(lambda lines: set(LISTENERS) <= set(parse_listeners(lines)),
                        time.monotonic() + STARTUP_TIMEOUT_S)
     if not ok:
